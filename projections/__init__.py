@@ -1,0 +1,1 @@
+"""Per facet: the events it records, its read model, and its pure decision functions."""

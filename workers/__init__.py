@@ -1,0 +1,1 @@
+"""Per facet: the reactors that act on the log and record what happened as new events."""
