@@ -1,0 +1,582 @@
+"""SQLite backend: one file, WAL, `synchronous=FULL`, one group-committing writer."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import sqlite3
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import aiosqlite
+import msgspec
+
+from eventhub.chain import GENESIS, digest, encode_meta, event_hash
+from eventhub.clock import Clock, SystemClock
+from eventhub.errors import (
+    EventhubError,
+    IdempotencyConflict,
+    StoreClosed,
+    StoreCorrupt,
+    StoreFull,
+    StoreUnavailable,
+    WrongExpectedVersion,
+)
+from eventhub.events import ANY, NO_STREAM, STREAM_EXISTS, Event, StreamAppend
+from eventhub.store.base import EventStore, Snapshot
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    position    INTEGER PRIMARY KEY,
+    stream      TEXT    NOT NULL,
+    version     INTEGER NOT NULL,
+    type        TEXT    NOT NULL,
+    data        BLOB,
+    meta        BLOB    NOT NULL,
+    recorded_at INTEGER NOT NULL,
+    digest      BLOB    NOT NULL,
+    prev_hash   BLOB    NOT NULL,
+    hash        BLOB    NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS events_stream_version ON events (stream, version);
+CREATE INDEX IF NOT EXISTS events_stream_time ON events (stream, recorded_at);
+CREATE TABLE IF NOT EXISTS idempotency (
+    key         TEXT    PRIMARY KEY,
+    fingerprint BLOB    NOT NULL,
+    first       INTEGER NOT NULL,
+    last        INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    name     TEXT    PRIMARY KEY,
+    version  INTEGER NOT NULL,
+    position INTEGER NOT NULL,
+    state    BLOB    NOT NULL
+);
+"""
+_COLUMNS = "position, stream, version, type, data, meta, recorded_at, digest, prev_hash, hash"
+_INSERT = f"INSERT INTO events ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)"
+_MAX_BATCH_JOBS = 2000
+_VERSION_CACHE = 100_000
+
+_decode_meta = msgspec.json.Decoder(dict[str, str]).decode
+_fingerprint_encode = msgspec.msgpack.Encoder().encode
+
+
+class _AppendJob:
+    __slots__ = ("appends", "key", "fingerprint", "future")
+
+    def __init__(self, appends: tuple[StreamAppend, ...], key: str | None, future: asyncio.Future[list[Event]]):
+        self.appends = appends
+        self.key = key
+        self.fingerprint = _fingerprint(appends) if key is not None else b""
+        self.future = future
+
+
+class _OpJob:
+    __slots__ = ("op", "future")
+
+    def __init__(self, op: Callable[[], Awaitable[Any]], future: asyncio.Future[Any]):
+        self.op = op
+        self.future = future
+
+
+def _fingerprint(appends: tuple[StreamAppend, ...]) -> bytes:
+    return hashlib.sha256(
+        _fingerprint_encode(
+            [
+                (a.stream, a.expected, [(e.type, digest(e.data), encode_meta(e.meta)) for e in a.events])
+                for a in appends
+            ]
+        )
+    ).digest()
+
+
+def translate(exc: BaseException) -> EventhubError:
+    """The store error for a sqlite3 error, with a one-line message."""
+    name = getattr(exc, "sqlite_errorname", "")
+    text = str(exc)
+    if name == "SQLITE_FULL" or "full" in text:
+        return StoreFull(f"database or disk is full: {text}")
+    if name in ("SQLITE_BUSY", "SQLITE_LOCKED") or "locked" in text:
+        return StoreUnavailable(f"database is locked by another process: {text}")
+    if name.startswith("SQLITE_READONLY") or "readonly" in text:
+        return StoreUnavailable(f"database is read-only: {text}")
+    if name in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or "not a database" in text or "malformed" in text:
+        return StoreCorrupt(f"database file is corrupt: {text}")
+    if name.startswith("SQLITE_CANTOPEN") or "unable to open" in text:
+        return StoreUnavailable(f"cannot open database file: {text}")
+    return StoreUnavailable(f"database error: {text}")
+
+
+class SQLiteStore(EventStore):
+    backend = "sqlite"
+
+    def __init__(self, path: str, *, clock: Clock | None = None, synchronous: str = "FULL") -> None:
+        super().__init__()
+        self.path = path
+        self.clock = clock or SystemClock()
+        self.synchronous = synchronous.upper()
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._queue: asyncio.Queue[_AppendJob | _OpJob | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._head = 0
+        self._last_hash = GENESIS
+        self._last_recorded = 0
+        self._data_version = -1
+        self._versions: dict[str, int] = {}
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def open(self) -> None:
+        try:
+            self._writer = await self._connect()
+            await self._writer.executescript(_SCHEMA)
+            self._reader = await self._connect()
+            await self._reload_head()
+        except sqlite3.Error as exc:
+            await self._close_connections()
+            raise translate(exc) from exc
+        self._closing = False
+        self._task = asyncio.create_task(self._run_writer(), name=f"sqlite-writer:{self.path}")
+
+    async def _connect(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        await conn.execute("PRAGMA busy_timeout = 5000")
+        mode = await (await conn.execute("PRAGMA journal_mode = WAL")).fetchone()
+        if mode is None or str(mode[0]).lower() != "wal":
+            raise sqlite3.OperationalError(f"cannot switch to WAL mode (got {mode})")
+        await conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        return conn
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._closing = True
+            await self._queue.put(None)
+            await self._task
+            self._task = None
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            if job is not None and not job.future.done():
+                job.future.set_exception(StoreClosed("store closed"))
+        await self._close_connections()
+
+    async def _close_connections(self) -> None:
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                try:
+                    await conn.close()
+                except sqlite3.Error:  # closing a broken file must not hide the first error
+                    log.warning("error closing %s", self.path, exc_info=True)
+        self._reader = self._writer = None
+
+    async def _reload_head(self) -> None:
+        assert self._writer is not None
+        row = await (
+            await self._writer.execute("SELECT position, hash, recorded_at FROM events ORDER BY position DESC LIMIT 1")
+        ).fetchone()
+        self._head, self._last_hash, self._last_recorded = row if row else (0, GENESIS, 0)
+        self._versions.clear()
+        self._data_version = await self._fetch_data_version()
+
+    async def _fetch_data_version(self) -> int:
+        assert self._writer is not None
+        row = await (await self._writer.execute("PRAGMA data_version")).fetchone()
+        return int(row[0]) if row else 0
+
+    # -- writing ----------------------------------------------------------------------
+
+    async def append(self, *appends: StreamAppend, idempotency_key: str | None = None) -> list[Event]:
+        if not appends:
+            return []
+        if len({a.stream for a in appends}) != len(appends):
+            raise ValueError("a stream may appear only once per append call")
+        future: asyncio.Future[list[Event]] = asyncio.get_running_loop().create_future()
+        self._submit(_AppendJob(appends, idempotency_key, future))
+        return await future
+
+    async def purge(self, positions: Sequence[int]) -> int:
+        if not positions:
+            return 0
+
+        async def op() -> int:
+            assert self._writer is not None
+            total = 0
+            for chunk in _chunks(list(positions), 500):
+                marks = ",".join("?" * len(chunk))
+                cur = await self._writer.execute(
+                    f"UPDATE events SET data = NULL WHERE position IN ({marks}) AND data IS NOT NULL", chunk
+                )
+                total += cur.rowcount
+            return total
+
+        return await self._run_op(op)
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        async def op() -> None:
+            assert self._writer is not None
+            await self._writer.execute(
+                "INSERT OR REPLACE INTO snapshots (name, version, position, state) VALUES (?,?,?,?)",
+                (snapshot.name, snapshot.version, snapshot.position, snapshot.state),
+            )
+
+        await self._run_op(op)
+
+    async def _run_op(self, op: Callable[[], Awaitable[T]]) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._submit(_OpJob(op, future))
+        return await future
+
+    def _submit(self, job: _AppendJob | _OpJob) -> None:
+        if self._task is None or self._closing:
+            raise StoreClosed("store is not open")
+        self._queue.put_nowait(job)
+
+    async def _run_writer(self) -> None:
+        pending: _AppendJob | _OpJob | None = None
+        while True:
+            job = pending if pending is not None else await self._queue.get()
+            pending = None
+            if job is None:
+                return
+            if isinstance(job, _OpJob):
+                await self._run_op_job(job)
+                continue
+            batch = [job]
+            while len(batch) < _MAX_BATCH_JOBS and not self._queue.empty():
+                nxt = self._queue.get_nowait()
+                if not isinstance(nxt, _AppendJob):
+                    pending = nxt
+                    break
+                batch.append(nxt)
+            try:
+                await self._commit(batch)
+            except Exception as exc:  # the writer must outlive any one batch
+                log.exception("writer failed a batch")
+                for j in batch:
+                    if not j.future.done():
+                        j.future.set_exception(exc)
+            if pending is None and self._closing and self._queue.empty():
+                return
+
+    async def _run_op_job(self, job: _OpJob) -> None:
+        assert self._writer is not None
+        try:
+            await self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                result = await job.op()
+                await self._writer.execute("COMMIT")
+            except BaseException:
+                await self._rollback()
+                raise
+            await self._check_external_writes(own_commit=True)
+        except sqlite3.Error as exc:
+            job.future.set_exception(translate(exc))
+        except Exception as exc:
+            job.future.set_exception(exc)
+        else:
+            job.future.set_result(result)
+
+    async def _rollback(self) -> None:
+        assert self._writer is not None
+        try:
+            await self._writer.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # no transaction left to roll back (SQLite may have rolled back itself)
+
+    async def _check_external_writes(self, own_commit: bool = False) -> None:
+        """Reload cached head and versions if another connection committed meanwhile."""
+        version = await self._fetch_data_version()
+        if version != self._data_version and not own_commit:
+            await self._reload_head()
+        self._data_version = version
+
+    async def _commit(self, batch: list[_AppendJob]) -> None:
+        """Commit a batch in one transaction; answer every job of it."""
+        assert self._writer is not None
+        conn = self._writer
+        try:
+            await conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            err = translate(exc)
+            for job in batch:
+                job.future.set_exception(err)
+            return
+        try:
+            await self._check_external_writes()
+            accepted, replays = await self._decide(batch)
+            rows = [row for _, _, job_rows in accepted for row in job_rows]
+            if rows:
+                await conn.executemany(_INSERT, rows)
+                keyed = [(job.key, job.fingerprint, evs[0].position, evs[-1].position) for job, evs, _ in accepted if job.key]
+                if keyed:
+                    await conn.executemany("INSERT INTO idempotency (key, fingerprint, first, last) VALUES (?,?,?,?)", keyed)
+            await conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            await self._rollback()
+            await self._reload_head()
+            if isinstance(exc, sqlite3.IntegrityError) and len(batch) > 1:
+                # One job collided with something outside our view; isolate it.
+                for job in batch:
+                    if not job.future.done():
+                        await self._commit([job])
+                return
+            err = translate(exc)
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(err)
+            return
+        except BaseException:
+            await self._rollback()
+            await self._reload_head()
+            raise
+        self._data_version = await self._fetch_data_version()
+        committed = [ev for _, evs, _ in accepted for ev in evs]
+        if committed:
+            last = committed[-1]
+            self._head, self._last_hash, self._last_recorded = last.position, last.hash, last.recorded_at
+            try:
+                await self._notify_commit(committed)
+            except Exception:  # the commit is durable; a listener's failure is not the caller's
+                log.exception("commit listener failed at position %d", last.position)
+        for job, evs, _ in accepted:
+            job.future.set_result(evs)
+        for job, evs in replays:
+            if not job.future.done():
+                job.future.set_result(evs)
+
+    async def _decide(
+        self, batch: list[_AppendJob]
+    ) -> tuple[list[tuple[_AppendJob, list[Event], list[tuple[Any, ...]]]], list[tuple[_AppendJob, list[Event]]]]:
+        """Check versions and idempotency keys; build the rows of the accepted jobs.
+
+        Conflicting jobs are answered here with their error; they do not reach the batch.
+        """
+        versions = await self._stream_versions({a.stream for job in batch for a in job.appends})
+        known_keys = await self._known_keys([job.key for job in batch if job.key])
+        batch_keys: dict[str, tuple[_AppendJob, list[Event]]] = {}
+        accepted: list[tuple[_AppendJob, list[Event], list[tuple[Any, ...]]]] = []
+        replays: list[tuple[_AppendJob, list[Event]]] = []
+        position, prev_hash = self._head, self._last_hash
+        now = max(self.clock.now(), self._last_recorded)
+        for job in batch:
+            if job.key:
+                if job.key in known_keys:
+                    fingerprint, first, last = known_keys[job.key]
+                    if fingerprint != job.fingerprint:
+                        job.future.set_exception(IdempotencyConflict(job.key))
+                    else:
+                        replays.append((job, await self._read_range(first, last)))
+                    continue
+                if job.key in batch_keys:
+                    original, evs = batch_keys[job.key]
+                    if original.fingerprint != job.fingerprint:
+                        job.future.set_exception(IdempotencyConflict(job.key))
+                    else:
+                        replays.append((job, evs))
+                    continue
+            error = None
+            for a in job.appends:
+                actual = versions.get(a.stream, -1)
+                if not _matches(a.expected, actual):
+                    error = WrongExpectedVersion(a.stream, a.expected, actual)
+                    break
+            if error is not None:
+                job.future.set_exception(error)
+                continue
+            events: list[Event] = []
+            rows: list[tuple[Any, ...]] = []
+            for a in job.appends:
+                version = versions.get(a.stream, -1)
+                for new in a.events:
+                    position += 1
+                    version += 1
+                    data = new.data
+                    d = hashlib.sha256(data).digest()
+                    meta_bytes = encode_meta(new.meta)
+                    h = event_hash(prev_hash, position, a.stream, version, new.type, meta_bytes, now, d)
+                    rows.append((position, a.stream, version, new.type, data, meta_bytes, now, d, prev_hash, h))
+                    events.append(Event(position, a.stream, version, new.type, data, new.meta, now, d, prev_hash, h))
+                    prev_hash = h
+                versions[a.stream] = version
+            if job.key:
+                batch_keys[job.key] = (job, events)
+            accepted.append((job, events, rows))
+        self._remember_versions(versions)
+        return accepted, replays
+
+    async def _stream_versions(self, streams: set[str]) -> dict[str, int]:
+        assert self._writer is not None
+        versions = {s: self._versions[s] for s in streams if s in self._versions}
+        missing = [s for s in streams if s not in versions]
+        for chunk in _chunks(missing, 500):
+            marks = ",".join("?" * len(chunk))
+            async with self._writer.execute(
+                f"SELECT stream, MAX(version) FROM events WHERE stream IN ({marks}) GROUP BY stream", chunk
+            ) as cur:
+                for stream, version in await cur.fetchall():
+                    versions[stream] = version
+        return versions
+
+    def _remember_versions(self, versions: dict[str, int]) -> None:
+        # Cached tentatively; a failed commit reloads and clears the cache.
+        if len(self._versions) > _VERSION_CACHE:
+            self._versions.clear()
+        self._versions.update(versions)
+
+    async def _known_keys(self, keys: list[str]) -> dict[str, tuple[bytes, int, int]]:
+        assert self._writer is not None
+        known: dict[str, tuple[bytes, int, int]] = {}
+        for chunk in _chunks(keys, 500):
+            marks = ",".join("?" * len(chunk))
+            async with self._writer.execute(
+                f"SELECT key, fingerprint, first, last FROM idempotency WHERE key IN ({marks})", chunk
+            ) as cur:
+                for key, fingerprint, first, last in await cur.fetchall():
+                    known[key] = (fingerprint, first, last)
+        return known
+
+    async def _read_range(self, first: int, last: int) -> list[Event]:
+        assert self._writer is not None
+        async with self._writer.execute(
+            f"SELECT {_COLUMNS} FROM events WHERE position BETWEEN ? AND ? ORDER BY position", (first, last)
+        ) as cur:
+            return [_row_event(r, True) for r in await cur.fetchall()]
+
+    # -- reading ----------------------------------------------------------------------
+
+    async def _query(self, sql: str, params: Sequence[Any], check: bool = True) -> list[Event]:
+        if self._reader is None:
+            raise StoreClosed("store is not open")
+        try:
+            async with self._reader.execute(sql, params) as cur:
+                rows = await cur.fetchall()
+        except sqlite3.Error as exc:
+            raise translate(exc) from exc
+        return [_row_event(r, check) for r in rows]
+
+    async def read_all(
+        self,
+        after: int = 0,
+        limit: int = 1000,
+        *,
+        until: int | None = None,
+        stream_prefix: str | None = None,
+        stream: str | None = None,
+        types: Sequence[str] | None = None,
+        check: bool = True,
+    ) -> list[Event]:
+        where = ["position > ?"]
+        params: list[Any] = [after]
+        if until is not None:
+            where.append("position <= ?")
+            params.append(until)
+        if stream is not None:
+            where.append("stream = ?")
+            params.append(stream)
+        if stream_prefix:
+            where.append("substr(stream, 1, ?) = ?")
+            params += [len(stream_prefix), stream_prefix]
+        if types:
+            where.append(f"type IN ({','.join('?' * len(types))})")
+            params += list(types)
+        params.append(limit)
+        sql = f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY position LIMIT ?"
+        return await self._query(sql, params, check)
+
+    async def read_stream(
+        self, stream: str, from_version: int = 0, limit: int = 1000, *, backward: bool = False
+    ) -> list[Event]:
+        if backward:
+            if from_version < 0:
+                sql = f"SELECT {_COLUMNS} FROM events WHERE stream = ? ORDER BY version DESC LIMIT ?"
+                return await self._query(sql, (stream, limit))
+            sql = f"SELECT {_COLUMNS} FROM events WHERE stream = ? AND version <= ? ORDER BY version DESC LIMIT ?"
+        else:
+            sql = f"SELECT {_COLUMNS} FROM events WHERE stream = ? AND version >= ? ORDER BY version LIMIT ?"
+        return await self._query(sql, (stream, from_version, limit))
+
+    async def read_event(self, position: int) -> Event | None:
+        events = await self._query(f"SELECT {_COLUMNS} FROM events WHERE position = ?", (position,))
+        return events[0] if events else None
+
+    async def head(self) -> int:
+        if self._reader is None:
+            raise StoreClosed("store is not open")
+        try:
+            async with self._reader.execute("SELECT MAX(position) FROM events") as cur:
+                row = await cur.fetchone()
+        except sqlite3.Error as exc:
+            raise translate(exc) from exc
+        return int(row[0]) if row and row[0] is not None else 0
+
+    async def stream_version(self, stream: str) -> int:
+        if self._reader is None:
+            raise StoreClosed("store is not open")
+        try:
+            async with self._reader.execute("SELECT MAX(version) FROM events WHERE stream = ?", (stream,)) as cur:
+                row = await cur.fetchone()
+        except sqlite3.Error as exc:
+            raise translate(exc) from exc
+        return int(row[0]) if row and row[0] is not None else -1
+
+    async def first_at_or_after(self, stream: str, recorded_at: int) -> Event | None:
+        events = await self._query(
+            f"SELECT {_COLUMNS} FROM events WHERE stream = ? AND recorded_at >= ? "
+            "ORDER BY recorded_at, version LIMIT 1",
+            (stream, recorded_at),
+        )
+        return events[0] if events else None
+
+    async def last_before(self, stream: str, recorded_at: int) -> Event | None:
+        events = await self._query(
+            f"SELECT {_COLUMNS} FROM events WHERE stream = ? AND recorded_at < ? "
+            "ORDER BY recorded_at DESC, version DESC LIMIT 1",
+            (stream, recorded_at),
+        )
+        return events[0] if events else None
+
+    async def load_snapshot(self, name: str) -> Snapshot | None:
+        if self._reader is None:
+            raise StoreClosed("store is not open")
+        try:
+            async with self._reader.execute(
+                "SELECT name, version, position, state FROM snapshots WHERE name = ?", (name,)
+            ) as cur:
+                row = await cur.fetchone()
+        except sqlite3.Error as exc:
+            raise translate(exc) from exc
+        return Snapshot(*row) if row else None
+
+
+def _matches(expected: int, actual: int) -> bool:
+    if expected == ANY:
+        return True
+    if expected == STREAM_EXISTS:
+        return actual >= 0
+    if expected == NO_STREAM:
+        return actual == -1
+    return expected == actual
+
+
+def _row_event(row: Any, check: bool) -> Event:
+    position, stream, version, type_, data, meta_bytes, recorded_at, d, prev_hash, h = row
+    if check:
+        if data is not None and hashlib.sha256(data).digest() != d:
+            raise StoreCorrupt(f"event at position {position} is corrupt: data does not match its digest", position)
+        if event_hash(prev_hash, position, stream, version, type_, meta_bytes, recorded_at, d) != h:
+            raise StoreCorrupt(f"event at position {position} is corrupt: hash does not match its fields", position)
+    try:
+        meta = _decode_meta(meta_bytes)
+    except (msgspec.DecodeError, TypeError):
+        raise StoreCorrupt(f"event at position {position} is corrupt: unreadable meta", position) from None
+    return Event(position, stream, version, type_, data, meta, recorded_at, d, prev_hash, h)
+
+
+def _chunks(items: list[T], size: int) -> list[list[T]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
