@@ -16,7 +16,8 @@ from eventhub.events import Event, Meta
 
 GENESIS = bytes(32)
 
-_encode = msgspec.msgpack.Encoder().encode
+hash_encode = msgspec.msgpack.Encoder().encode
+"""Encodes the tuple an event hash covers; backends that inline `event_hash` use it."""
 _meta_encode = msgspec.json.Encoder(order="sorted").encode
 
 
@@ -40,7 +41,7 @@ def event_hash(
     data_digest: bytes,
 ) -> bytes:
     return hashlib.sha256(
-        _encode((prev_hash, position, stream, version, type, meta_bytes, recorded_at, data_digest))
+        hash_encode((prev_hash, position, stream, version, type, meta_bytes, recorded_at, data_digest))
     ).digest()
 
 

@@ -95,7 +95,7 @@ class Hub:
         for apply in self.appliers:
             apply(events)
         self._window.extend(events)
-        self._window_size += sum(len(e.data) for e in events if e.data is not None)
+        self._window_size += sum([len(e.data or b"") for e in events])
         self.head = events[-1].position
         self._trim()
         self._wake(events)
@@ -103,7 +103,7 @@ class Hub:
     def _trim(self) -> None:
         window = self._window
         drop = max(len(window) - self.window_events, 0)
-        size = self._window_size - sum(len(e.data) for e in window[:drop] if e.data is not None)
+        size = self._window_size - sum([len(e.data or b"") for e in window[:drop]]) if drop else self._window_size
         while size > self.window_bytes and drop < len(window) - 1:
             data = window[drop].data
             size -= len(data) if data is not None else 0

@@ -14,6 +14,8 @@ import logging
 from collections.abc import AsyncIterator, Iterable
 from typing import ClassVar
 
+import msgspec
+
 from eventhub.events import Event
 from eventhub.store.base import EventStore, Snapshot
 
@@ -49,6 +51,11 @@ class Projection(abc.ABC):
     @abc.abstractmethod
     def restore(self, state: bytes) -> None:
         """Replace the read model with one from `snapshot`."""
+
+    def view(self) -> object:
+        """The read model as JSON-able data, for `eventhub replay` (default: the snapshot
+        decoded as JSON; override when the snapshot is not JSON)."""
+        return msgspec.json.decode(self.snapshot())
 
 
 def fold(projections: Iterable[Projection], events: Iterable[Event]) -> None:

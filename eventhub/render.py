@@ -1,8 +1,15 @@
-"""Events as JSON for people and tools: `/events`, `eventhub tail`, `eventhub export`."""
+"""Events as JSON for people and tools: `/events`, `eventhub tail`, `eventhub export`.
+
+`event_summary` is for reading: facet events' data decoded, raw content as digest and
+size. `event_record` / `record_event` (and the line forms `record_line` / `line_event`)
+are the exact form: every field, bytes in base64 or hex, so an exported log imports
+back bit for bit — same positions, hashes and payloads, purged payloads still purged.
+"""
 
 from __future__ import annotations
 
 import base64
+import binascii
 from typing import Any
 
 import msgspec
@@ -10,6 +17,12 @@ import msgspec
 from eventhub.events import Event, iso_millis
 
 JSON_TYPES = ("application/json",)
+
+
+def is_json_type(content_type: str) -> bool:
+    """`application/json`, with or without parameters, or any `+json` media type."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media in JSON_TYPES or media.endswith("+json")
 
 
 def event_summary(event: Event) -> dict[str, Any]:
@@ -28,13 +41,32 @@ def event_summary(event: Event) -> dict[str, Any]:
         out["purged"] = True
         return out
     out["size"] = len(event.data)
-    if event.meta.get("content-type", "application/json") in JSON_TYPES:
+    if is_json_type(event.meta.get("content-type", "application/json")):
         try:
             out["data"] = msgspec.json.decode(event.data)
             return out
         except msgspec.DecodeError:
             pass
     return out
+
+
+class EventRecord(msgspec.Struct, forbid_unknown_fields=True):
+    """One line of an export: an event with its bytes in base64 (data) and hex (hashes)."""
+
+    position: int
+    stream: str
+    version: int
+    type: str
+    data: str | None
+    meta: dict[str, str]
+    recorded_at: int
+    digest: str
+    prev_hash: str
+    hash: str
+
+
+class RecordError(ValueError):
+    """A line of an export that is not an event record."""
 
 
 def event_record(event: Event) -> dict[str, Any]:
@@ -53,18 +85,45 @@ def event_record(event: Event) -> dict[str, Any]:
     }
 
 
-def record_event(record: dict[str, Any]) -> Event:
-    """The inverse of `event_record`."""
-    data = record["data"]
-    return Event(
-        position=int(record["position"]),
-        stream=str(record["stream"]),
-        version=int(record["version"]),
-        type=str(record["type"]),
-        data=None if data is None else base64.b64decode(data),
-        meta={str(k): str(v) for k, v in record["meta"].items()},
-        recorded_at=int(record["recorded_at"]),
-        digest=bytes.fromhex(record["digest"]),
-        prev_hash=bytes.fromhex(record["prev_hash"]),
-        hash=bytes.fromhex(record["hash"]),
-    )
+def record_event(record: dict[str, Any] | EventRecord) -> Event:
+    """The inverse of `event_record`; raises `RecordError` for a malformed record."""
+    try:
+        r = record if isinstance(record, EventRecord) else msgspec.convert(record, EventRecord)
+        return Event(
+            position=r.position,
+            stream=r.stream,
+            version=r.version,
+            type=r.type,
+            data=None if r.data is None else base64.b64decode(r.data, validate=True),
+            meta=r.meta,
+            recorded_at=r.recorded_at,
+            digest=_hash_bytes(r.digest, "digest"),
+            prev_hash=_hash_bytes(r.prev_hash, "prev_hash"),
+            hash=_hash_bytes(r.hash, "hash"),
+        )
+    except (msgspec.ValidationError, binascii.Error, ValueError) as exc:
+        raise RecordError(str(exc)) from None
+
+
+_line_encoder = msgspec.json.Encoder()
+_line_decoder = msgspec.json.Decoder(EventRecord)
+
+
+def record_line(event: Event) -> bytes:
+    """The event as one JSON line (newline included)."""
+    return _line_encoder.encode(event_record(event)) + b"\n"
+
+
+def line_event(line: bytes | str) -> Event:
+    """The event of one export line; raises `RecordError` when it is not one."""
+    try:
+        return record_event(_line_decoder.decode(line))
+    except msgspec.DecodeError as exc:
+        raise RecordError(str(exc)) from None
+
+
+def _hash_bytes(text: str, field: str) -> bytes:
+    value = bytes.fromhex(text)
+    if len(value) != 32:
+        raise ValueError(f"{field} must be 32 bytes of hex")
+    return value

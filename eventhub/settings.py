@@ -31,15 +31,24 @@ class Settings(msgspec.Struct, kw_only=True):
     # facets
     channel_default_ttl_millis: int = 120 * 24 * 3600 * 1000
     ttl_sweep_seconds: float = 60.0
+    channel_ws_buffer: int = 10_000
     export_macaroon_key: str = ""
     export_target: str = "eventhub"
     export_allow: list[str] = []
     export_parallel: int = 16
     export_timeout_seconds: float = 10.0
     export_retries: int = 5
+    export_max_body_bytes: int = 1024 * 1024
+    export_response_max_bytes: int = 1024 * 1024
+    export_backoff_seconds: float = 0.5
+    export_backoff_max_seconds: float = 30.0
+    export_lease_grace_seconds: float = 10.0
     auth_server: str = ""
     auth_public_key: str = ""
     dpp_url: str = ""
+    auth_key_file: str = ""  # specs: local development key pair (default: beside the sqlite file)
+    dpp_retries: int = 5
+    dpp_backoff_seconds: float = 1.0
 
     @property
     def backend(self) -> str:
@@ -122,10 +131,23 @@ def _validate(s: Settings) -> None:
         raise bad("sqlite_synchronous", "must be FULL or EXTRA (durability is not negotiable)")
     if not 0 <= s.port <= 65535:
         raise bad("port", f"{s.port} is not a TCP port")
-    for field in ("snapshot_every", "window_events", "window_bytes", "max_body_bytes", "export_parallel"):
+    for field in ("snapshot_every", "window_events", "window_bytes", "max_body_bytes", "export_parallel", "channel_ws_buffer"):
         if getattr(s, field) <= 0:
             raise bad(field, "must be positive")
+    if s.ttl_sweep_seconds <= 0:
+        raise bad("ttl_sweep_seconds", "must be positive")
     if s.long_poll_max_seconds <= 0:
         raise bad("long_poll_max_seconds", "must be positive")
+    for field in ("export_max_body_bytes", "export_response_max_bytes", "export_timeout_seconds"):
+        if getattr(s, field) <= 0:
+            raise bad(field, "must be positive")
+    for field in ("export_retries", "export_backoff_seconds", "export_backoff_max_seconds", "export_lease_grace_seconds"):
+        if getattr(s, field) < 0:
+            raise bad(field, "must not be negative")
+    for field in ("dpp_retries", "dpp_backoff_seconds"):
+        if getattr(s, field) < 0:
+            raise bad(field, "must not be negative")
+    if s.dpp_url and not s.dpp_url.startswith(("http://", "https://")):
+        raise bad("dpp_url", f"{s.dpp_url!r} is not an http(s) URL")
     if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise bad("log_level", "must be DEBUG, INFO, WARNING or ERROR")

@@ -105,6 +105,23 @@ class EventStore(abc.ABC):
     async def save_snapshot(self, snapshot: Snapshot) -> None:
         """Store a projection snapshot, replacing the previous one of that name."""
 
+    async def import_events(self, events: Sequence[Event]) -> None:
+        """Append already-hashed events verbatim, in one transaction (for copying a log).
+
+        Positions, versions, `recorded_at`, digests and hashes are kept as given, and a
+        purged event stays purged. The events must continue this log: the first one's
+        `position` is `head + 1` and its `prev_hash` the hash at the head, each next one
+        follows the one before, and each passes its own hash check. Otherwise nothing is
+        written and `StoreCorrupt` names the first offending position (an event that
+        collides with a stored one also raises `StoreCorrupt`).
+
+        Goes through the writer queue like an append, so it never interleaves with a
+        commit. Commit listeners are not called; a shared backend announces the new head
+        to other nodes as for a commit. Backends that cannot import raise
+        `NotImplementedError`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot import events")
+
     # -- reading ----------------------------------------------------------------------
 
     @abc.abstractmethod

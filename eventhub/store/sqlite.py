@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -13,6 +14,7 @@ import aiosqlite
 import msgspec
 
 from eventhub.chain import GENESIS, digest, encode_meta, event_hash
+from eventhub.chain import hash_encode as _hash_encode
 from eventhub.clock import Clock, SystemClock
 from eventhub.errors import (
     EventhubError,
@@ -115,11 +117,14 @@ def translate(exc: BaseException) -> EventhubError:
 class SQLiteStore(EventStore):
     backend = "sqlite"
 
-    def __init__(self, path: str, *, clock: Clock | None = None, synchronous: str = "FULL") -> None:
+    def __init__(
+        self, path: str, *, clock: Clock | None = None, synchronous: str = "FULL", busy_timeout_ms: int = 5000
+    ) -> None:
         super().__init__()
         self.path = path
         self.clock = clock or SystemClock()
         self.synchronous = synchronous.upper()
+        self.busy_timeout_ms = busy_timeout_ms
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._queue: asyncio.Queue[_AppendJob | _OpJob | None] = asyncio.Queue()
@@ -128,16 +133,20 @@ class SQLiteStore(EventStore):
         self._head = 0
         self._last_hash = GENESIS
         self._last_recorded = 0
-        self._data_version = -1
         self._versions: dict[str, int] = {}
 
     # -- life cycle -------------------------------------------------------------------
 
     async def open(self) -> None:
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder):
+            raise StoreUnavailable(f"cannot open database file: folder {folder} does not exist")
         try:
-            self._writer = await self._connect()
+            # The writer lets sqlite3 open each write transaction (BEGIN IMMEDIATE) inside
+            # the statement that needs it: one thread round trip fewer per commit.
+            self._writer = await self._connect("IMMEDIATE")
             await self._writer.executescript(_SCHEMA)
-            self._reader = await self._connect()
+            self._reader = await self._connect(None)
             await self._reload_head()
         except sqlite3.Error as exc:
             await self._close_connections()
@@ -145,13 +154,22 @@ class SQLiteStore(EventStore):
         self._closing = False
         self._task = asyncio.create_task(self._run_writer(), name=f"sqlite-writer:{self.path}")
 
-    async def _connect(self) -> aiosqlite.Connection:
-        conn = await aiosqlite.connect(self.path, isolation_level=None)
-        await conn.execute("PRAGMA busy_timeout = 5000")
-        mode = await (await conn.execute("PRAGMA journal_mode = WAL")).fetchone()
-        if mode is None or str(mode[0]).lower() != "wal":
-            raise sqlite3.OperationalError(f"cannot switch to WAL mode (got {mode})")
-        await conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+    async def _connect(self, isolation_level: str | None) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=isolation_level)
+        try:
+            await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+            mode = await (await conn.execute("PRAGMA journal_mode = WAL")).fetchone()
+            if mode is None or str(mode[0]).lower() != "wal":
+                raise sqlite3.OperationalError(f"cannot switch to WAL mode (got {mode})")
+            await conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        except BaseException:
+            # Not yet ours to close later (not a database, read-only): close it here, or
+            # its worker thread (not a daemon) keeps the process alive after the error.
+            try:
+                await conn.close()
+            except sqlite3.Error:
+                log.warning("error closing %s", self.path, exc_info=True)
+            raise
         return conn
 
     async def close(self) -> None:
@@ -182,12 +200,6 @@ class SQLiteStore(EventStore):
         ).fetchone()
         self._head, self._last_hash, self._last_recorded = row if row else (0, GENESIS, 0)
         self._versions.clear()
-        self._data_version = await self._fetch_data_version()
-
-    async def _fetch_data_version(self) -> int:
-        assert self._writer is not None
-        row = await (await self._writer.execute("PRAGMA data_version")).fetchone()
-        return int(row[0]) if row else 0
 
     # -- writing ----------------------------------------------------------------------
 
@@ -226,6 +238,37 @@ class SQLiteStore(EventStore):
             )
 
         await self._run_op(op)
+
+    async def import_events(self, events: Sequence[Event]) -> None:
+        from eventhub.chain import ChainVerifier
+
+        batch = list(events)
+        if not batch:
+            return
+
+        async def op() -> None:
+            assert self._writer is not None
+            if not self._writer.in_transaction:
+                # Read the head inside the write transaction: nothing can land in between.
+                await self._writer.execute("BEGIN IMMEDIATE")
+            async with self._writer.execute("SELECT position, hash FROM events ORDER BY position DESC LIMIT 1") as cur:
+                row = await cur.fetchone()
+            verifier = ChainVerifier(row[0], row[1]) if row else ChainVerifier()
+            if not verifier.feed(batch):
+                r = verifier.result
+                raise StoreCorrupt(f"imported event does not continue the log at {r.broken_at}: {r.reason}", r.broken_at)
+            rows = [
+                (e.position, e.stream, e.version, e.type, e.data, encode_meta(e.meta), e.recorded_at, e.digest, e.prev_hash, e.hash)
+                for e in batch
+            ]
+            try:
+                await self._writer.executemany(_INSERT, rows)
+            except sqlite3.IntegrityError as exc:
+                raise StoreCorrupt(f"imported events collide with stored ones: {exc}") from exc
+
+        await self._run_op(op)
+        # The writer caches head, last hash and stream versions; the import moved them.
+        await self._run_op(self._reload_head)
 
     async def _run_op(self, op: Callable[[], Awaitable[T]]) -> T:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
@@ -267,14 +310,12 @@ class SQLiteStore(EventStore):
     async def _run_op_job(self, job: _OpJob) -> None:
         assert self._writer is not None
         try:
-            await self._writer.execute("BEGIN IMMEDIATE")
             try:
                 result = await job.op()
-                await self._writer.execute("COMMIT")
+                await self._writer.commit()
             except BaseException:
                 await self._rollback()
                 raise
-            await self._check_external_writes(own_commit=True)
         except sqlite3.Error as exc:
             job.future.set_exception(translate(exc))
         except Exception as exc:
@@ -285,46 +326,36 @@ class SQLiteStore(EventStore):
     async def _rollback(self) -> None:
         assert self._writer is not None
         try:
-            await self._writer.execute("ROLLBACK")
+            await self._writer.rollback()
         except sqlite3.Error:
             pass  # no transaction left to roll back (SQLite may have rolled back itself)
 
-    async def _check_external_writes(self, own_commit: bool = False) -> None:
-        """Reload cached head and versions if another connection committed meanwhile."""
-        version = await self._fetch_data_version()
-        if version != self._data_version and not own_commit:
-            await self._reload_head()
-        self._data_version = version
+    async def _commit(self, batch: list[_AppendJob], retry: bool = True) -> None:
+        """Commit a batch in one transaction; answer every job of it.
 
-    async def _commit(self, batch: list[_AppendJob]) -> None:
-        """Commit a batch in one transaction; answer every job of it."""
+        Head, last hash and stream versions come from this writer's cache, not from a
+        query: the unique keys on position and (stream, version) turn a stale cache
+        (another process wrote) into an IntegrityError, after which the cache is
+        reloaded and the jobs are retried one by one.
+        """
         assert self._writer is not None
         conn = self._writer
         try:
-            await conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            err = translate(exc)
-            for job in batch:
-                job.future.set_exception(err)
-            return
-        try:
-            await self._check_external_writes()
-            accepted, replays = await self._decide(batch)
+            accepted, replays, refused = await self._decide(batch)
             rows = [row for _, _, job_rows in accepted for row in job_rows]
             if rows:
                 await conn.executemany(_INSERT, rows)
-                keyed = [(job.key, job.fingerprint, evs[0].position, evs[-1].position) for job, evs, _ in accepted if job.key]
+                keyed = [(job.key, job.fingerprint, evs[0].position, evs[-1].position) for job, evs, _ in accepted if job.key and evs]
                 if keyed:
                     await conn.executemany("INSERT INTO idempotency (key, fingerprint, first, last) VALUES (?,?,?,?)", keyed)
-            await conn.execute("COMMIT")
+                await conn.commit()
         except sqlite3.Error as exc:
             await self._rollback()
             await self._reload_head()
-            if isinstance(exc, sqlite3.IntegrityError) and len(batch) > 1:
-                # One job collided with something outside our view; isolate it.
+            if isinstance(exc, sqlite3.IntegrityError) and retry:
+                # Another process wrote, or one job collided: decide again, job by job.
                 for job in batch:
-                    if not job.future.done():
-                        await self._commit([job])
+                    await self._commit([job], retry=False)
                 return
             err = translate(exc)
             for job in batch:
@@ -335,7 +366,6 @@ class SQLiteStore(EventStore):
             await self._rollback()
             await self._reload_head()
             raise
-        self._data_version = await self._fetch_data_version()
         committed = [ev for _, evs, _ in accepted for ev in evs]
         if committed:
             last = committed[-1]
@@ -346,69 +376,84 @@ class SQLiteStore(EventStore):
                 log.exception("commit listener failed at position %d", last.position)
         for job, evs, _ in accepted:
             job.future.set_result(evs)
+        for job, error in refused:
+            job.future.set_exception(error)
         for job, evs in replays:
             if not job.future.done():
                 job.future.set_result(evs)
 
     async def _decide(
         self, batch: list[_AppendJob]
-    ) -> tuple[list[tuple[_AppendJob, list[Event], list[tuple[Any, ...]]]], list[tuple[_AppendJob, list[Event]]]]:
+    ) -> tuple[
+        list[tuple[_AppendJob, list[Event], list[tuple[Any, ...]]]],
+        list[tuple[_AppendJob, list[Event]]],
+        list[tuple[_AppendJob, EventhubError]],
+    ]:
         """Check versions and idempotency keys; build the rows of the accepted jobs.
 
-        Conflicting jobs are answered here with their error; they do not reach the batch.
+        Returns the accepted jobs with their events and rows, the idempotent replays, and
+        the refused jobs with their error; all are answered once the batch commits.
         """
         versions = await self._stream_versions({a.stream for job in batch for a in job.appends})
         known_keys = await self._known_keys([job.key for job in batch if job.key])
         batch_keys: dict[str, tuple[_AppendJob, list[Event]]] = {}
         accepted: list[tuple[_AppendJob, list[Event], list[tuple[Any, ...]]]] = []
         replays: list[tuple[_AppendJob, list[Event]]] = []
+        refused: list[tuple[_AppendJob, EventhubError]] = []
         position, prev_hash = self._head, self._last_hash
         now = max(self.clock.now(), self._last_recorded)
+        sha256 = hashlib.sha256
+        # metas are often one shared dict per batch; ids are stable while the batch lives
+        meta_cache: dict[int, bytes] = {}
         for job in batch:
             if job.key:
                 if job.key in known_keys:
                     fingerprint, first, last = known_keys[job.key]
                     if fingerprint != job.fingerprint:
-                        job.future.set_exception(IdempotencyConflict(job.key))
+                        refused.append((job, IdempotencyConflict(job.key)))
                     else:
                         replays.append((job, await self._read_range(first, last)))
                     continue
                 if job.key in batch_keys:
                     original, evs = batch_keys[job.key]
                     if original.fingerprint != job.fingerprint:
-                        job.future.set_exception(IdempotencyConflict(job.key))
+                        refused.append((job, IdempotencyConflict(job.key)))
                     else:
                         replays.append((job, evs))
                     continue
-            error = None
+            error: EventhubError | None = None
             for a in job.appends:
                 actual = versions.get(a.stream, -1)
                 if not _matches(a.expected, actual):
                     error = WrongExpectedVersion(a.stream, a.expected, actual)
                     break
             if error is not None:
-                job.future.set_exception(error)
+                refused.append((job, error))
                 continue
             events: list[Event] = []
             rows: list[tuple[Any, ...]] = []
             for a in job.appends:
-                version = versions.get(a.stream, -1)
+                stream = a.stream
+                version = versions.get(stream, -1)
                 for new in a.events:
+                    # the hot loop of every append: what chain.event_hash does, inlined
                     position += 1
                     version += 1
-                    data = new.data
-                    d = hashlib.sha256(data).digest()
-                    meta_bytes = encode_meta(new.meta)
-                    h = event_hash(prev_hash, position, a.stream, version, new.type, meta_bytes, now, d)
-                    rows.append((position, a.stream, version, new.type, data, meta_bytes, now, d, prev_hash, h))
-                    events.append(Event(position, a.stream, version, new.type, data, new.meta, now, d, prev_hash, h))
+                    data, meta, type_ = new.data, new.meta, new.type
+                    meta_bytes = meta_cache.get(id(meta))
+                    if meta_bytes is None:
+                        meta_bytes = meta_cache[id(meta)] = encode_meta(meta)
+                    d = sha256(data).digest()
+                    h = sha256(_hash_encode((prev_hash, position, stream, version, type_, meta_bytes, now, d))).digest()
+                    rows.append((position, stream, version, type_, data, meta_bytes, now, d, prev_hash, h))
+                    events.append(Event(position, stream, version, type_, data, meta, now, d, prev_hash, h))
                     prev_hash = h
-                versions[a.stream] = version
+                versions[stream] = version
             if job.key:
                 batch_keys[job.key] = (job, events)
             accepted.append((job, events, rows))
         self._remember_versions(versions)
-        return accepted, replays
+        return accepted, replays, refused
 
     async def _stream_versions(self, streams: set[str]) -> dict[str, int]:
         assert self._writer is not None

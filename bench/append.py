@@ -1,0 +1,152 @@
+"""Durable appends per second: eventhub's store against the eventsourcing package and plain sqlite3.
+
+    python -m bench.append [--seconds 3] [--database-url postgresql://…]
+
+Three shapes: 1 appender × 1 event per call; 64 concurrent appenders × 1 event; 1 appender
+× batches of 100. On SQLite the same run measures the references: the `eventsourcing`
+package's SQLite recorder inserting one event per call, and plain `sqlite3` inserting
+the same rows into the same schema in 100-row transactions (the storage ceiling). All
+with `synchronous=FULL`. Every loop stops at a time limit or a count, whichever first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sqlite3
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import uvloop
+
+from bench.common import Row, print_table, save
+from eventhub.events import NewEvent, StreamAppend
+from eventhub.store import store_from_url
+from eventhub.store.sqlite import _SCHEMA
+
+BODY = b"x" * 200
+MAX_EVENTS = 2_000_000
+
+
+async def _timed(seconds: float, step: Callable[[], Awaitable[int]]) -> float:
+    done = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+    while time.perf_counter() < deadline and done < MAX_EVENTS:
+        done += await step()
+    return done / (time.perf_counter() - start)
+
+
+async def measure_eventhub(url: str, seconds: float) -> dict[str, float]:
+    store = store_from_url(url)
+    await store.open()
+    results: dict[str, float] = {}
+    try:
+        event = NewEvent("Benchmarked", BODY, {"content-type": "application/octet-stream"})
+
+        async def single() -> int:
+            await store.append(StreamAppend("bench:single", [event]))
+            return 1
+
+        results["single"] = await _timed(seconds, single)
+
+        async def concurrent() -> int:
+            async def one(i: int) -> None:
+                await store.append(StreamAppend(f"bench:c{i}", [event]))
+
+            await asyncio.gather(*(one(i) for i in range(64)))
+            return 64
+
+        # 64 appenders that keep the writer fed: each runs its own loop
+        async def appender(i: int, deadline: float, counts: list[int]) -> None:
+            while time.perf_counter() < deadline and counts[0] < MAX_EVENTS:
+                await store.append(StreamAppend(f"bench:c{i}", [event]))
+                counts[0] += 1
+
+        counts = [0]
+        start = time.perf_counter()
+        await asyncio.gather(*(appender(i, start + seconds, counts) for i in range(64)))
+        results["concurrent"] = counts[0] / (time.perf_counter() - start)
+
+        batch = [event] * 100
+
+        async def batched() -> int:
+            await store.append(StreamAppend("bench:batch", batch))
+            return 100
+
+        results["batch"] = await _timed(seconds, batched)
+    finally:
+        await store.close()
+    return results
+
+
+def measure_eventsourcing(path: str, seconds: float) -> float:
+    from eventsourcing.persistence import StoredEvent
+    from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteDatastore
+
+    datastore = SQLiteDatastore(path)
+    recorder = SQLiteApplicationRecorder(datastore)
+    recorder.create_table()
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds and done < MAX_EVENTS:
+        recorder.insert_events([StoredEvent(uuid.uuid4(), 1, "bench.Benchmarked", BODY)])
+        done += 1
+    rate = done / (time.perf_counter() - start)
+    datastore.close()
+    return rate
+
+
+def measure_sqlite3_batches(path: str, seconds: float) -> float:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.executescript(_SCHEMA)
+    position, digest = 0, bytes(32)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds and done < MAX_EVENTS:
+        rows = []
+        for _ in range(100):
+            position += 1
+            rows.append((position, "bench:batch", position - 1, "Benchmarked", BODY, b"{}", position, digest, digest, digest))
+        conn.execute("BEGIN")
+        conn.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+        conn.execute("COMMIT")
+        done += 100
+    rate = done / (time.perf_counter() - start)
+    conn.close()
+    return rate
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
+    parser.add_argument("--database-url", default="", help="default: a fresh SQLite file in a temp dir")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        url = args.database_url or f"sqlite:///{os.path.join(tmp, 'eventhub.db')}"
+        ours = uvloop.run(measure_eventhub(url, args.seconds))
+        backend = "postgres" if url.startswith("postgres") else "sqlite"
+        rows = [Row(f"{backend}: 1 appender x 1 event", ours["single"], "(no reference)", 0, "events/s", 0)]
+        if backend == "sqlite":
+            peer = measure_eventsourcing(os.path.join(tmp, "es.db"), args.seconds)
+            ceiling = measure_sqlite3_batches(os.path.join(tmp, "plain.db"), args.seconds)
+            rows = [
+                Row("sqlite: 1 appender x 1 event", ours["single"], "eventsourcing SQLite, 1 event/call", peer, "events/s", 0.0),
+                Row("sqlite: 64 appenders x 1 event", ours["concurrent"], "eventsourcing SQLite, 1 event/call", peer, "events/s", 5.0),
+                Row("sqlite: 1 appender x 100 events", ours["batch"], "sqlite3, 100-row txns, same schema", ceiling, "events/s", 0.7),
+            ]
+        else:
+            rows += [
+                Row(f"{backend}: 64 appenders x 1 event", ours["concurrent"], "(no reference)", 0, "events/s", 0),
+                Row(f"{backend}: 1 appender x 100 events", ours["batch"], "(no reference)", 0, "events/s", 0),
+            ]
+    print_table(f"bench/append.py ({backend})", rows)
+    save(f"append-{backend}", rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

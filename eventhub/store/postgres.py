@@ -1,0 +1,863 @@
+"""PostgreSQL backend: several eventhub nodes share one log in one database (asyncpg)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeAlias, TypeVar
+
+import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
+import msgspec
+
+from eventhub.chain import GENESIS, ChainVerifier, digest, encode_meta, event_hash
+from eventhub.clock import Clock, SystemClock
+from eventhub.errors import (
+    EventhubError,
+    IdempotencyConflict,
+    StoreClosed,
+    StoreCorrupt,
+    StoreFull,
+    StoreUnavailable,
+    WrongExpectedVersion,
+)
+from eventhub.events import ANY, NO_STREAM, STREAM_EXISTS, Event, StreamAppend
+from eventhub.store.base import EventStore, Snapshot
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    position    bigint      PRIMARY KEY,
+    stream      text        COLLATE "C" NOT NULL,
+    version     bigint      NOT NULL,
+    type        text        NOT NULL,
+    data        bytea,
+    meta        bytea       NOT NULL,
+    recorded_at bigint      NOT NULL,
+    digest      bytea       NOT NULL,
+    prev_hash   bytea       NOT NULL,
+    hash        bytea       NOT NULL,
+    CONSTRAINT events_stream_version UNIQUE (stream, version)
+);
+CREATE INDEX IF NOT EXISTS events_stream_time ON events (stream, recorded_at);
+CREATE TABLE IF NOT EXISTS idempotency (
+    key         text        PRIMARY KEY,
+    fingerprint bytea       NOT NULL,
+    first       bigint      NOT NULL,
+    last        bigint      NOT NULL
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    name        text        PRIMARY KEY,
+    version     bigint      NOT NULL,
+    position    bigint      NOT NULL,
+    state       bytea       NOT NULL
+);
+"""
+CHANNEL = "eventhub_commits"
+# Advisory lock keys: fixed numbers, so that every node (and every version) agrees.
+_APPEND_LOCK = int.from_bytes(hashlib.sha256(b"eventhub:append").digest()[:8], "big", signed=True)
+_SCHEMA_LOCK = int.from_bytes(hashlib.sha256(b"eventhub:schema").digest()[:8], "big", signed=True)
+
+# Every writing transaction takes the append lock first, and only then reads the head,
+# the stream versions and the idempotency keys it decides against. Why a lock:
+#
+# - Commit order must equal position order, across nodes. A sequence would hand out
+#   N+1 to B while A, holding N, is still in flight: a reader would see N+1 before N,
+#   and a subscriber that moved past N+1 would never get N. Positions computed from the
+#   head under one lock are committed strictly one transaction after the other, so the
+#   committed log is always a gap-free prefix.
+# - Without the lock, two nodes reading the same head would build the same positions
+#   (and the same prev_hash) and one would fail on the primary key only after waiting
+#   for the other's commit: a retry storm under load. With it, writers of different
+#   nodes queue on the lock and each decides against the latest committed state, so
+#   an expected-version conflict is reported as a conflict, not as a failed batch.
+# - The head must be read in a statement that starts after the lock is granted. In
+#   READ COMMITTED each statement takes a fresh snapshot, and PostgreSQL releases
+#   transaction locks only after the commit is visible, so the next statement sees the
+#   previous holder's rows. Under REPEATABLE READ (snapshot from the first statement)
+#   or in the lock's own statement the head would be stale. Hence the explicit level.
+#
+# The lock is transaction-scoped (`pg_advisory_xact_lock`): it cannot outlive a
+# rollback or a dropped connection, as a session lock could. It is per database, so
+# two logs in two databases do not contend.
+_BEGIN_LOCKED = f"BEGIN ISOLATION LEVEL READ COMMITTED; SELECT pg_advisory_xact_lock({_APPEND_LOCK})"
+_LOCK = f"SELECT pg_advisory_xact_lock({_APPEND_LOCK})"
+_HEAD = "SELECT position, hash, recorded_at FROM events ORDER BY position DESC LIMIT 1"
+_COLUMNS = "position, stream, version, type, data, meta, recorded_at, digest, prev_hash, hash"
+_INSERT = (
+    f"INSERT INTO events ({_COLUMNS}) SELECT * FROM unnest("
+    "$1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::bytea[], "
+    "$6::bytea[], $7::bigint[], $8::bytea[], $9::bytea[], $10::bytea[])"
+)
+# One index probe per stream (max over the unique index), not a scan of long streams.
+_VERSIONS = "SELECT s, (SELECT max(version) FROM events WHERE stream = s) FROM unnest($1::text[]) AS s"
+_MAX_BATCH_JOBS = 2000
+_VERSION_CACHE = 100_000
+_BACKOFF_MIN = 0.05
+_BACKOFF_MAX = 5.0
+
+_decode_meta = msgspec.json.Decoder(dict[str, str]).decode
+_fingerprint_encode = msgspec.msgpack.Encoder().encode
+
+Conn: TypeAlias = asyncpg.Connection
+Record: TypeAlias = asyncpg.Record
+Op = Callable[[Conn], Awaitable[Any]]
+# InternalClientError: asyncpg's protocol state after the server dropped the connection
+# in the middle of an exchange ("another operation is in progress").
+_DRIVER_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    OSError,
+    asyncio.TimeoutError,
+)
+_CONNECTION_LOST = (
+    asyncpg.exceptions.InternalClientError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.InterfaceError,
+    ConnectionError,
+)
+_READ_ATTEMPTS = 3
+# Errors that one job of a batch can cause; the others are retried without it.
+_JOB_ERRORS = (asyncpg.IntegrityConstraintViolationError, asyncpg.exceptions.DataError)
+
+
+class _AppendJob:
+    __slots__ = ("appends", "key", "fingerprint", "future")
+
+    def __init__(self, appends: tuple[StreamAppend, ...], key: str | None, future: asyncio.Future[list[Event]]):
+        self.appends = appends
+        self.key = key
+        self.fingerprint = _fingerprint(appends) if key is not None else b""
+        self.future = future
+
+
+class _OpJob:
+    __slots__ = ("op", "future")
+
+    def __init__(self, op: Op, future: asyncio.Future[Any]):
+        self.op = op
+        self.future = future
+
+
+_Accepted = list[tuple[_AppendJob, list[Event]]]
+
+
+def _fingerprint(appends: tuple[StreamAppend, ...]) -> bytes:
+    return hashlib.sha256(
+        _fingerprint_encode(
+            [
+                (a.stream, a.expected, [(e.type, digest(e.data), encode_meta(e.meta)) for e in a.events])
+                for a in appends
+            ]
+        )
+    ).digest()
+
+
+def translate(exc: BaseException) -> EventhubError:
+    """The store error for an asyncpg or OS error, with a one-line message."""
+    if isinstance(exc, EventhubError):
+        return exc
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, asyncpg.exceptions.DiskFullError):
+        return StoreFull(f"database disk is full: {text}")
+    if isinstance(exc, asyncpg.exceptions.InsufficientResourcesError):
+        return StoreUnavailable(f"database is out of resources: {text}")
+    if isinstance(exc, asyncpg.exceptions.ReadOnlySQLTransactionError):
+        return StoreUnavailable(f"database is read-only: {text}")
+    if isinstance(exc, (asyncpg.exceptions.DataCorruptedError, asyncpg.exceptions.IndexCorruptedError)):
+        return StoreCorrupt(f"database is corrupt: {text}")
+    if isinstance(exc, asyncpg.exceptions.InvalidCatalogNameError):
+        return StoreUnavailable(f"database does not exist: {text}")
+    if isinstance(exc, asyncpg.exceptions.InvalidAuthorizationSpecificationError):
+        return StoreUnavailable(f"database refused the connection: {text}")
+    if isinstance(exc, asyncpg.exceptions.LockNotAvailableError):
+        return StoreUnavailable(f"database is locked: {text}")
+    if isinstance(
+        exc,
+        (
+            OSError,
+            asyncio.TimeoutError,
+            asyncpg.InterfaceError,
+            asyncpg.exceptions.InternalClientError,
+            asyncpg.exceptions.PostgresConnectionError,
+            asyncpg.exceptions.OperatorInterventionError,
+        ),
+    ):
+        return StoreUnavailable(f"database is unreachable: {text}")
+    return StoreUnavailable(f"database error: {text}")
+
+
+class PostgresStore(EventStore):
+    backend = "postgres"
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        clock: Clock | None = None,
+        pool_size: int = 4,
+        listen: bool = True,
+        keepalive: float = 5.0,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        super().__init__()
+        self.dsn = dsn
+        self.clock = clock or SystemClock()
+        self.pool_size = pool_size
+        self.listen = listen
+        self.keepalive = keepalive
+        self.connect_timeout = connect_timeout
+        self.listen_reconnects = 0
+        self._conn: Conn | None = None
+        self._pool: asyncpg.Pool | None = None
+        self._queue: asyncio.Queue[_AppendJob | _OpJob | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        # The head as of this node's last commit; the version cache is valid only while
+        # the head read under the lock still equals it (no other node wrote since).
+        self._head = -1
+        self._versions: dict[str, int] = {}
+        # Head announcements to local listeners: `_announced` only grows, and is never
+        # advanced past a commit of ours that is in flight (`_quiet` is clear meanwhile).
+        self._announced = 0
+        self._pending_head = 0
+        self._announce_lock = asyncio.Lock()
+        self._quiet = asyncio.Event()
+        self._quiet.set()
+        self._head_signal = asyncio.Event()
+        self._listen_conn: Conn | None = None
+        self._listen_lost: asyncio.Event | None = None
+        self._listen_task: asyncio.Task[None] | None = None
+        self._dispatch_task: asyncio.Task[None] | None = None
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def open(self) -> None:
+        try:
+            self._conn = await self._connect()
+            async with self._conn.transaction():
+                # Nodes starting together would race on CREATE ... IF NOT EXISTS.
+                await self._conn.execute(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})")
+                await self._conn.execute(_SCHEMA)
+            self._pool = await asyncpg.create_pool(
+                self.dsn,
+                min_size=1,
+                max_size=self.pool_size,
+                timeout=self.connect_timeout,
+                server_settings=_SERVER_SETTINGS,
+            )
+            if self.listen:
+                await self._start_listening()
+            head = await self._conn.fetchval("SELECT coalesce(max(position), 0) FROM events")
+        except _DRIVER_ERRORS as exc:
+            await self._close_connections()
+            raise translate(exc) from exc
+        self._announced = self._pending_head = int(head)
+        self._forget()
+        self._closing = False
+        self._task = asyncio.create_task(self._run_writer(), name="postgres-writer")
+        if self.listen:
+            self._listen_task = asyncio.create_task(self._run_listener(), name="postgres-listener")
+            self._dispatch_task = asyncio.create_task(self._run_dispatcher(), name="postgres-head-dispatch")
+
+    async def _connect(self) -> Conn:
+        conn: Conn = await asyncpg.connect(
+            self.dsn, timeout=self.connect_timeout, server_settings=_SERVER_SETTINGS
+        )
+        return conn
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._closing = True
+            await self._queue.put(None)
+            await self._task
+            self._task = None
+        self._closing = True
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            if job is not None and not job.future.done():
+                _fail(job.future, StoreClosed("store closed"))
+        for task in (self._listen_task, self._dispatch_task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        self._listen_task = self._dispatch_task = None
+        await self._close_connections()
+
+    async def _close_connections(self) -> None:
+        for conn in (self._listen_conn, self._conn):
+            if conn is not None and not conn.is_closed():
+                try:
+                    await asyncio.wait_for(conn.close(), self.connect_timeout)
+                except _DRIVER_ERRORS:  # a dead server must not hang close
+                    conn.terminate()
+        self._listen_conn = self._conn = None
+        if self._pool is not None:
+            try:
+                await asyncio.wait_for(self._pool.close(), self.connect_timeout)
+            except _DRIVER_ERRORS:
+                self._pool.terminate()
+            self._pool = None
+
+    @property
+    def listener_pid(self) -> int | None:
+        """The server process id of the LISTEN connection (for tests and diagnostics)."""
+        conn = self._listen_conn
+        return conn.get_server_pid() if conn is not None and not conn.is_closed() else None
+
+    # -- writing ----------------------------------------------------------------------
+
+    async def append(self, *appends: StreamAppend, idempotency_key: str | None = None) -> list[Event]:
+        if not appends:
+            return []
+        if len({a.stream for a in appends}) != len(appends):
+            raise ValueError("a stream may appear only once per append call")
+        for a in appends:
+            # PostgreSQL text cannot hold NUL; refuse here rather than fail a whole batch.
+            if "\x00" in a.stream or any("\x00" in e.type for e in a.events):
+                raise ValueError(f"stream names and event types must not contain NUL: {a.stream!r}")
+        future: asyncio.Future[list[Event]] = asyncio.get_running_loop().create_future()
+        self._submit(_AppendJob(appends, idempotency_key, future))
+        return await future
+
+    async def purge(self, positions: Sequence[int]) -> int:
+        if not positions:
+            return 0
+
+        async def op(conn: Conn) -> int:
+            status = await conn.execute(
+                "UPDATE events SET data = NULL WHERE position = ANY($1::bigint[]) AND data IS NOT NULL",
+                list(positions),
+            )
+            return int(status.split()[-1])
+
+        result: int = await self._run_op(op)
+        return result
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        async def op(conn: Conn) -> None:
+            await conn.execute(
+                "INSERT INTO snapshots (name, version, position, state) VALUES ($1, $2, $3, $4) "
+                "ON CONFLICT (name) DO UPDATE SET version = excluded.version, "
+                "position = excluded.position, state = excluded.state",
+                snapshot.name,
+                snapshot.version,
+                snapshot.position,
+                snapshot.state,
+            )
+
+        await self._run_op(op)
+
+    async def import_events(self, events: Sequence[Event]) -> None:
+        batch = list(events)
+        if not batch:
+            return
+
+        async def op(conn: Conn) -> None:
+            await conn.execute(_LOCK)
+            row = await conn.fetchrow(_HEAD)
+            head, head_hash = (row[0], row[1]) if row else (0, GENESIS)
+            verifier = ChainVerifier(head, head_hash)
+            if not verifier.feed(batch):
+                r = verifier.result
+                raise StoreCorrupt(f"imported event does not continue the log at {r.broken_at}: {r.reason}", r.broken_at)
+            try:
+                await conn.execute(_INSERT, *_columns(batch))
+            except asyncpg.IntegrityConstraintViolationError as exc:
+                raise StoreCorrupt(f"imported events collide with stored ones: {exc}") from exc
+            # Other nodes (and this one's head listeners) learn of the import like of a commit.
+            await conn.execute(f"NOTIFY {CHANNEL}, '{batch[-1].position}'")
+
+        await self._run_op(op)
+
+    async def _run_op(self, op: Op) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._submit(_OpJob(op, future))
+        return await future
+
+    def _submit(self, job: _AppendJob | _OpJob) -> None:
+        if self._task is None or self._closing:
+            raise StoreClosed("store is not open")
+        self._queue.put_nowait(job)
+
+    async def _writer_conn(self) -> Conn:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = None
+            self._conn = await self._connect()
+            self._forget()
+        return self._conn
+
+    def _forget(self) -> None:
+        self._head = -1
+        self._versions.clear()
+
+    async def _run_writer(self) -> None:
+        pending: _AppendJob | _OpJob | None = None
+        while True:
+            job = pending if pending is not None else await self._queue.get()
+            pending = None
+            if job is None:
+                return
+            if isinstance(job, _OpJob):
+                await self._run_op_job(job)
+                continue
+            batch = [job]
+            while len(batch) < _MAX_BATCH_JOBS and not self._queue.empty():
+                nxt = self._queue.get_nowait()
+                if not isinstance(nxt, _AppendJob):
+                    pending = nxt
+                    break
+                batch.append(nxt)
+            try:
+                await self._commit(batch)
+            except Exception as exc:  # the writer must outlive any one batch
+                log.exception("writer failed a batch")
+                for j in batch:
+                    _fail(j.future, exc)
+            if pending is None and self._closing and self._queue.empty():
+                return
+
+    async def _run_op_job(self, job: _OpJob) -> None:
+        try:
+            conn = await self._writer_conn()
+            await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+            try:
+                result = await job.op(conn)
+                await conn.execute("COMMIT")
+            except BaseException:
+                await self._rollback(conn)
+                raise
+        except _DRIVER_ERRORS as exc:
+            self._forget()
+            _fail(job.future, translate(exc))
+        except Exception as exc:
+            self._forget()
+            _fail(job.future, exc)
+        else:
+            _resolve(job.future, result)
+
+    async def _rollback(self, conn: Conn) -> None:
+        if conn.is_closed():
+            self._conn = None
+            return
+        try:
+            await conn.execute("ROLLBACK")
+        except _DRIVER_ERRORS:
+            # A connection we cannot roll back is of no further use; the server aborts
+            # its transaction (and frees the lock) when the socket goes.
+            conn.terminate()
+            self._conn = None
+
+    async def _commit(self, batch: list[_AppendJob]) -> None:
+        """Commit a batch in one transaction; answer every job of it."""
+        try:
+            conn = await self._writer_conn()
+        except _DRIVER_ERRORS as exc:
+            err = translate(exc)
+            for job in batch:
+                _fail(job.future, err)
+            return
+        committed: list[Event] = []
+        try:
+            await conn.execute(_BEGIN_LOCKED)
+            row = await conn.fetchrow(_HEAD)
+            head, last_hash, last_recorded = (row[0], row[1], row[2]) if row else (0, GENESIS, 0)
+            if head != self._head:
+                self._versions.clear()  # another node (or an import) wrote since our last commit
+            accepted, replays, versions = await self._decide(conn, batch, head, last_hash, last_recorded)
+            committed = [ev for _, evs in accepted for ev in evs]
+            if committed:
+                await conn.execute(_INSERT, *_columns(committed))
+            # A keyed call without events records its key too, as the empty range (0, -1).
+            keyed = [
+                (job.key, job.fingerprint, evs[0].position if evs else 0, evs[-1].position if evs else -1)
+                for job, evs in accepted
+                if job.key
+            ]
+            if keyed:
+                await conn.executemany(
+                    "INSERT INTO idempotency (key, fingerprint, first, last) VALUES ($1, $2, $3, $4)", keyed
+                )
+            if committed:
+                # Delivered to every listening session at commit, in commit order. The
+                # payload is the head only: NOTIFY payloads are capped at 8000 bytes, and
+                # listeners read the events from the log anyway.
+                self._quiet.clear()
+                await conn.execute(f"NOTIFY {CHANNEL}, '{committed[-1].position}'; COMMIT")
+            else:
+                await conn.execute("COMMIT")
+        except _DRIVER_ERRORS as exc:
+            self._quiet.set()
+            await self._rollback(conn)
+            self._forget()
+            if isinstance(exc, _JOB_ERRORS) and len(batch) > 1:
+                # One job collided with something outside our view, or carried something
+                # the server refused: the server rolled back, so isolate it and retry.
+                for job in batch:
+                    if not job.future.done():
+                        await self._commit([job])
+                return
+            err = translate(exc)
+            for job in batch:
+                _fail(job.future, err)
+            return
+        except BaseException:
+            self._quiet.set()
+            await self._rollback(conn)
+            self._forget()
+            raise
+        try:
+            if committed:
+                last = committed[-1]
+                self._head = last.position
+                self._remember_versions(versions)
+                await self._announce_commit(committed)
+        finally:
+            self._quiet.set()
+        for job, evs in accepted:
+            _resolve(job.future, evs)
+        for job, evs in replays:
+            _resolve(job.future, evs)
+
+    async def _announce_commit(self, committed: list[Event]) -> None:
+        async with self._announce_lock:
+            first = committed[0].position
+            if first - 1 > self._announced:
+                # Other nodes committed right before us and their NOTIFY has not reached
+                # us yet: tell head listeners first, so that nothing is skipped.
+                self._announced = first - 1
+                try:
+                    await self._notify_head(first - 1)
+                except Exception:
+                    log.exception("head listener failed at position %d", first - 1)
+            self._announced = max(self._announced, committed[-1].position)
+            try:
+                await self._notify_commit(committed)
+            except Exception:  # the commit is durable; a listener's failure is not the caller's
+                log.exception("commit listener failed at position %d", committed[-1].position)
+
+    async def _decide(
+        self, conn: Conn, batch: list[_AppendJob], head: int, prev_hash: bytes, last_recorded: int
+    ) -> tuple[_Accepted, _Accepted, dict[str, int]]:
+        """Check versions and idempotency keys; build the events of the accepted jobs.
+
+        Conflicting jobs are answered here with their error; they do not reach the batch.
+        Also returns the stream versions as they will be once the batch commits.
+        """
+        versions = await self._stream_versions(conn, {a.stream for job in batch for a in job.appends})
+        known_keys = await self._known_keys(conn, [job.key for job in batch if job.key])
+        batch_keys: dict[str, tuple[_AppendJob, list[Event]]] = {}
+        accepted: _Accepted = []
+        replays: _Accepted = []
+        position = head
+        now = max(self.clock.now(), last_recorded)
+        for job in batch:
+            if job.key:
+                if job.key in known_keys:
+                    fingerprint, first, last = known_keys[job.key]
+                    if fingerprint != job.fingerprint:
+                        _fail(job.future, IdempotencyConflict(job.key))
+                    else:
+                        replays.append((job, await self._read_range(conn, first, last)))
+                    continue
+                if job.key in batch_keys:
+                    original, evs = batch_keys[job.key]
+                    if original.fingerprint != job.fingerprint:
+                        _fail(job.future, IdempotencyConflict(job.key))
+                    else:
+                        replays.append((job, evs))
+                    continue
+            error = None
+            for a in job.appends:
+                actual = versions.get(a.stream, -1)
+                if not _matches(a.expected, actual):
+                    error = WrongExpectedVersion(a.stream, a.expected, actual)
+                    break
+            if error is not None:
+                _fail(job.future, error)
+                continue
+            events: list[Event] = []
+            for a in job.appends:
+                version = versions.get(a.stream, -1)
+                for new in a.events:
+                    position += 1
+                    version += 1
+                    d = hashlib.sha256(new.data).digest()
+                    h = event_hash(prev_hash, position, a.stream, version, new.type, encode_meta(new.meta), now, d)
+                    events.append(Event(position, a.stream, version, new.type, new.data, new.meta, now, d, prev_hash, h))
+                    prev_hash = h
+                versions[a.stream] = version
+            if job.key:
+                batch_keys[job.key] = (job, events)
+            accepted.append((job, events))
+        return accepted, replays, versions
+
+    async def _stream_versions(self, conn: Conn, streams: set[str]) -> dict[str, int]:
+        versions = {s: self._versions[s] for s in streams if s in self._versions}
+        missing = [s for s in streams if s not in versions]
+        if missing:
+            for stream, version in await conn.fetch(_VERSIONS, missing):
+                if version is not None:
+                    versions[stream] = version
+        return versions
+
+    def _remember_versions(self, versions: dict[str, int]) -> None:
+        # Only after a commit: a failed one calls `_forget` instead.
+        if len(self._versions) > _VERSION_CACHE:
+            self._versions.clear()
+        self._versions.update(versions)
+
+    async def _known_keys(self, conn: Conn, keys: list[str]) -> dict[str, tuple[bytes, int, int]]:
+        if not keys:
+            return {}
+        rows = await conn.fetch("SELECT key, fingerprint, first, last FROM idempotency WHERE key = ANY($1::text[])", keys)
+        return {key: (fingerprint, first, last) for key, fingerprint, first, last in rows}
+
+    async def _read_range(self, conn: Conn, first: int, last: int) -> list[Event]:
+        rows = await conn.fetch(f"SELECT {_COLUMNS} FROM events WHERE position BETWEEN $1 AND $2 ORDER BY position", first, last)
+        return [_row_event(r, True) for r in rows]
+
+    # -- hearing other nodes ----------------------------------------------------------
+
+    async def _start_listening(self) -> None:
+        conn = await self._connect()
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _conn: lost.set())
+        try:
+            await conn.add_listener(CHANNEL, self._on_notify)
+        except BaseException:
+            conn.terminate()
+            raise
+        self._listen_conn, self._listen_lost = conn, lost
+
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        try:
+            head = int(payload)
+        except ValueError:
+            log.warning("ignoring notification %r on %s", payload, CHANNEL)
+            return
+        self._signal_head(head)
+
+    def _signal_head(self, head: int) -> None:
+        if head > self._pending_head:
+            self._pending_head = head
+            self._head_signal.set()
+
+    async def _run_listener(self) -> None:
+        """Keep one LISTEN connection; after each reconnect announce the current head.
+
+        Commits made while no connection was listening sent their NOTIFY to nobody, so
+        after LISTEN is back the head is read once: together the two cover every commit.
+        """
+        backoff = _BACKOFF_MIN
+        while True:
+            if self._listen_conn is None or self._listen_conn.is_closed():
+                try:
+                    await self._start_listening()
+                    assert self._listen_conn is not None
+                    head = await self._listen_conn.fetchval("SELECT coalesce(max(position), 0) FROM events")
+                except _DRIVER_ERRORS as exc:
+                    await self._drop_listen_conn()
+                    log.warning("LISTEN connection failed (%s); retrying in %.2fs", translate(exc), backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, _BACKOFF_MAX)
+                    continue
+                backoff = _BACKOFF_MIN
+                self.listen_reconnects += 1
+                log.info("LISTEN connection restored at head %d", head)
+                self._signal_head(int(head))
+            assert self._listen_conn is not None and self._listen_lost is not None
+            try:
+                await asyncio.wait_for(self._listen_lost.wait(), self.keepalive)
+            except asyncio.TimeoutError:
+                # A half-open TCP connection never reports its end: probe it.
+                try:
+                    await asyncio.wait_for(self._listen_conn.fetchval("SELECT 1"), self.keepalive)
+                    continue
+                except _DRIVER_ERRORS:
+                    pass
+            log.warning("LISTEN connection lost; reconnecting")
+            await self._drop_listen_conn()
+
+    async def _drop_listen_conn(self) -> None:
+        conn, self._listen_conn = self._listen_conn, None
+        if conn is not None and not conn.is_closed():
+            conn.terminate()
+
+    async def _run_dispatcher(self) -> None:
+        # Head listeners run under the announce lock, like commit listeners run in the
+        # writer: they must not wait for an append of this store.
+        while True:
+            await self._head_signal.wait()
+            self._head_signal.clear()
+            while True:
+                await self._quiet.wait()
+                async with self._announce_lock:
+                    if not self._quiet.is_set():
+                        continue  # a commit of ours went in flight meanwhile; let it announce first
+                    head = self._pending_head
+                    if head > self._announced:
+                        self._announced = head
+                        try:
+                            await self._notify_head(head)
+                        except Exception:
+                            log.exception("head listener failed at position %d", head)
+                    break
+
+    # -- reading ----------------------------------------------------------------------
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Record]:
+        if self._pool is None:
+            raise StoreClosed("store is not open")
+        for attempt in range(_READ_ATTEMPTS):
+            try:
+                rows: list[Record] = await self._pool.fetch(sql, *args)
+                return rows
+            except _DRIVER_ERRORS as exc:
+                if self._closing or self._pool is None:
+                    raise StoreClosed("store closed") from exc
+                # Reads are idempotent: a pooled connection the server dropped (restart,
+                # pg_terminate_backend) is replaced by the pool on the next acquire.
+                if attempt + 1 < _READ_ATTEMPTS and isinstance(exc, _CONNECTION_LOST):
+                    continue
+                raise translate(exc) from exc
+        raise AssertionError("unreachable")
+
+    async def _query(self, sql: str, *args: Any, check: bool = True) -> list[Event]:
+        return [_row_event(r, check) for r in await self._fetch(sql, *args)]
+
+    async def read_all(
+        self,
+        after: int = 0,
+        limit: int = 1000,
+        *,
+        until: int | None = None,
+        stream_prefix: str | None = None,
+        stream: str | None = None,
+        types: Sequence[str] | None = None,
+        check: bool = True,
+    ) -> list[Event]:
+        params: list[Any] = [after]
+        where = ["position > $1"]
+
+        def param(value: Any, cast: str = "") -> str:
+            params.append(value)
+            return f"${len(params)}{cast}"
+
+        if until is not None:
+            where.append(f"position <= {param(until)}")
+        if stream is not None:
+            where.append(f"stream = {param(stream)}")
+        if stream_prefix:
+            where.append(f"starts_with(stream, {param(stream_prefix)})")
+        if types:
+            where.append(f"type = ANY({param(list(types), '::text[]')})")
+        sql = f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY position LIMIT {param(limit)}"
+        return await self._query(sql, *params, check=check)
+
+    async def read_stream(
+        self, stream: str, from_version: int = 0, limit: int = 1000, *, backward: bool = False
+    ) -> list[Event]:
+        if backward:
+            if from_version < 0:
+                sql = f"SELECT {_COLUMNS} FROM events WHERE stream = $1 ORDER BY version DESC LIMIT $2"
+                return await self._query(sql, stream, limit)
+            sql = f"SELECT {_COLUMNS} FROM events WHERE stream = $1 AND version <= $2 ORDER BY version DESC LIMIT $3"
+        else:
+            sql = f"SELECT {_COLUMNS} FROM events WHERE stream = $1 AND version >= $2 ORDER BY version LIMIT $3"
+        return await self._query(sql, stream, from_version, limit)
+
+    async def read_event(self, position: int) -> Event | None:
+        events = await self._query(f"SELECT {_COLUMNS} FROM events WHERE position = $1", position)
+        return events[0] if events else None
+
+    async def head(self) -> int:
+        rows = await self._fetch("SELECT coalesce(max(position), 0) FROM events")
+        return int(rows[0][0])
+
+    async def stream_version(self, stream: str) -> int:
+        rows = await self._fetch("SELECT coalesce(max(version), -1) FROM events WHERE stream = $1", stream)
+        return int(rows[0][0])
+
+    async def first_at_or_after(self, stream: str, recorded_at: int) -> Event | None:
+        events = await self._query(
+            f"SELECT {_COLUMNS} FROM events WHERE stream = $1 AND recorded_at >= $2 "
+            "ORDER BY recorded_at, version LIMIT 1",
+            stream,
+            recorded_at,
+        )
+        return events[0] if events else None
+
+    async def last_before(self, stream: str, recorded_at: int) -> Event | None:
+        events = await self._query(
+            f"SELECT {_COLUMNS} FROM events WHERE stream = $1 AND recorded_at < $2 "
+            "ORDER BY recorded_at DESC, version DESC LIMIT 1",
+            stream,
+            recorded_at,
+        )
+        return events[0] if events else None
+
+    async def load_snapshot(self, name: str) -> Snapshot | None:
+        rows = await self._fetch("SELECT name, version, position, state FROM snapshots WHERE name = $1", name)
+        return Snapshot(*rows[0]) if rows else None
+
+
+_SERVER_SETTINGS = {"application_name": "eventhub", "jit": "off"}
+
+
+def _columns(events: Sequence[Event]) -> list[list[Any]]:
+    """The events as the ten column arrays `_INSERT` unnests."""
+    return [
+        [e.position for e in events],
+        [e.stream for e in events],
+        [e.version for e in events],
+        [e.type for e in events],
+        [e.data for e in events],
+        [encode_meta(e.meta) for e in events],
+        [e.recorded_at for e in events],
+        [e.digest for e in events],
+        [e.prev_hash for e in events],
+        [e.hash for e in events],
+    ]
+
+
+def _resolve(future: asyncio.Future[Any], result: Any) -> None:
+    if not future.done():  # a caller that gave up (cancelled) is not answered
+        future.set_result(result)
+
+
+def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+def _matches(expected: int, actual: int) -> bool:
+    if expected == ANY:
+        return True
+    if expected == STREAM_EXISTS:
+        return actual >= 0
+    if expected == NO_STREAM:
+        return actual == -1
+    return expected == actual
+
+
+def _row_event(row: Any, check: bool) -> Event:
+    position, stream, version, type_, data, meta_bytes, recorded_at, d, prev_hash, h = row
+    if check:
+        if data is not None and hashlib.sha256(data).digest() != d:
+            raise StoreCorrupt(f"event at position {position} is corrupt: data does not match its digest", position)
+        if event_hash(prev_hash, position, stream, version, type_, meta_bytes, recorded_at, d) != h:
+            raise StoreCorrupt(f"event at position {position} is corrupt: hash does not match its fields", position)
+    try:
+        meta = _decode_meta(meta_bytes)
+    except (msgspec.DecodeError, TypeError):
+        raise StoreCorrupt(f"event at position {position} is corrupt: unreadable meta", position) from None
+    return Event(position, stream, version, type_, data, meta, recorded_at, d, prev_hash, h)
