@@ -11,7 +11,7 @@ from aiohttp import web
 
 from types import ModuleType
 
-from api import events
+from api import channels, events, specs
 from api.common import POSITION_HEADER, json_response
 from api.keys import CLOCK, HTTP, LOG, PROJECTIONS, SETTINGS, WORKERS
 from eventhub.clock import Clock, SystemClock
@@ -24,7 +24,7 @@ from eventhub.store import create_store
 log = logging.getLogger(__name__)
 
 # each facet module exposes setup(app): routes, its projection, its workers
-FACETS: tuple[ModuleType, ...] = ()
+FACETS: tuple[ModuleType, ...] = (channels, specs)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -34,7 +34,7 @@ def create_app(
     app = web.Application(
         client_max_size=settings.max_body_bytes + 1,
         middlewares=[_store_errors, _positions],
-        handler_args={"max_field_size": 16384},
+        handler_args={"max_field_size": 16384, "auto_decompress": False},  # channel items keep the bytes sent
     )
     app[SETTINGS] = settings
     app[CLOCK] = clock or SystemClock()

@@ -1,7 +1,8 @@
 """The log's own endpoints: `/health`, and `/events` as JSON pages, long-poll, SSE and websocket.
 
-Every `/events` form resumes from a position (`after`, or `Last-Event-ID` for SSE) and
-accepts `stream` (exact), `prefix` and `type` filters. The log holds every facet's data,
+Every `/events` form resumes from a position (`from`, inclusive, default 1; or
+`Last-Event-ID` for SSE, exclusive) and accepts `stream` (a stream-name prefix) and
+`type` filters. The log holds every facet's data,
 so `/events` needs `Authorization: Bearer $EVENTHUB_ADMIN_TOKEN`; with no token set it is
 off.
 """
@@ -43,7 +44,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 class _Query(msgspec.Struct):
-    after: int
+    after: int  # the last position already seen: `from` - 1
     limit: int
     wait: float
     filter: EventFilter
@@ -62,55 +63,45 @@ def _authorize(request: web.Request) -> None:
         raise _error(401, "missing or wrong bearer token")
 
 
-def _query(request: web.Request, after_header: str | None = None) -> _Query:
+def _query(request: web.Request, last_event_id: str | None = None) -> _Query:
     _authorize(request)
     q = request.query
     try:
-        after = int(after_header or q.get("after", "0"))
+        after = int(last_event_id) if last_event_id else int(q.get("from", "1")) - 1
         limit = int(q.get("limit", "1000"))
         wait = float(q.get("wait", "0"))
     except ValueError:
-        raise _error(400, "after and limit must be integers, wait a number of seconds") from None
-    if after < 0 or not 1 <= limit <= MAX_PAGE or wait < 0:
-        raise _error(400, f"after must be >= 0, limit 1..{MAX_PAGE}, wait >= 0")
+        raise _error(400, "from and limit must be integers, wait a number of seconds") from None
+    if after < 0 or not 1 <= limit <= MAX_PAGE or not 0 <= wait < float("inf"):
+        raise _error(400, f"from must be >= 1, limit 1..{MAX_PAGE}, wait >= 0")
     wait = min(wait, request.app[SETTINGS].long_poll_max_seconds)
     types = [t for t in q.getall("type", []) if t] or None
-    return _Query(after, limit, wait, EventFilter(q.get("stream") or None, q.get("prefix") or None, types))
+    return _Query(after, limit, wait, EventFilter(prefix=q.get("stream") or None, types=types))
 
 
 async def events_page(request: web.Request) -> web.Response:
-    """A page of events after `after`; with `wait`, a long poll that returns on the first match."""
+    """A page of events from `from`; with `wait`, a long poll that answers at the first match.
+
+    `next` is where to ask from next: past the last event returned, or past everything
+    this page examined when the filter left the page short.
+    """
     query = _query(request)
     event_log = request.app[LOG]
-    events = await _page(request, query)
+    head = event_log.head
+    f = query.filter
+    types = sorted(f.types) if f.types else None
+    events = await event_log.store.read_all(query.after, query.limit, until=head, stream_prefix=f.prefix, types=types)
+    seen = events[-1].position if len(events) == query.limit else max(head, query.after)
     if not events and query.wait > 0:
         try:
             async with asyncio.timeout(query.wait):
-                async for batch in event_log.hub.subscribe(query.after, query.filter):
+                async for batch in event_log.hub.subscribe(seen, f):
                     events = batch[: query.limit]
+                    seen = events[-1].position
                     break
         except TimeoutError:
             pass
-    last = events[-1].position if events else None
-    return json_response(
-        {
-            "events": [event_summary(e) for e in events],
-            "head": event_log.head,
-            "next_after": last if last is not None else max(query.after, 0),
-        }
-    )
-
-
-async def _page(request: web.Request, query: _Query) -> list:  # type: ignore[type-arg]
-    f = query.filter
-    return await request.app[LOG].store.read_all(
-        query.after,
-        query.limit,
-        until=request.app[LOG].head,
-        stream=f.stream,
-        stream_prefix=f.prefix,
-        types=sorted(f.types) if f.types else None,
-    )
+    return json_response({"events": [event_summary(e) for e in events], "next": seen + 1})
 
 
 async def events_sse(request: web.Request) -> web.StreamResponse:
@@ -128,7 +119,7 @@ async def events_sse(request: web.Request) -> web.StreamResponse:
 
 
 async def events_ws(request: web.Request) -> web.WebSocketResponse:
-    """A websocket of JSON text messages, one per event, from `after` on."""
+    """A websocket of JSON text messages, one per event, from `from` on."""
     query = _query(request)
     ws = web.WebSocketResponse(heartbeat=30)
     await ws.prepare(request)

@@ -19,8 +19,9 @@ class Row:
     reference_name: str
     reference: float
     unit: str
-    target: float  # ratio target; `higher` says which side passes
+    target: float  # ratio target; `higher` says which side passes (0 with higher: no target)
     higher: bool = True
+    margin: float | None = None  # when set, the target is `measured - reference <= margin` (unit's own)
 
     @property
     def ratio(self) -> float:
@@ -28,7 +29,25 @@ class Row:
 
     @property
     def holds(self) -> bool:
+        if self.margin is not None:
+            return self.measured - self.reference <= self.margin
         return self.ratio >= self.target if self.higher else self.ratio <= self.target
+
+    @property
+    def target_text(self) -> str:
+        """The target as the table prints it: `>= 0.50`, `<= 1.50`, `+<= 1 s`, or `-`."""
+        if self.margin is not None:
+            return f"+<={_number(self.margin)} {self.unit.split('/')[0]}"
+        if self.higher and not self.target:
+            return "-"
+        return f"{'>=' if self.higher else '<='}{self.target:>5.2f}"
+
+
+def _number(value: float) -> str:
+    """Big values with thousands separators, small ones with three significant digits."""
+    if value != value or value in (float("inf"), float("-inf")):
+        return str(value)
+    return f"{value:,.0f}" if abs(value) >= 100 or value == int(value) else f"{value:.3g}"
 
 
 def machine() -> str:
@@ -39,14 +58,13 @@ def machine() -> str:
 
 def print_table(title: str, rows: Sequence[Row]) -> None:
     print(f"\n{title} — {time.strftime('%Y-%m-%d')} — {machine()}")
-    header = f"| {'question':<38} | {'measured':>12} | {'reference':<34} | {'ref value':>12} | {'ratio':>6} | {'target':>7} | ok |"
+    header = f"| {'question':<38} | {'measured':>12} | {'reference':<34} | {'ref value':>12} | {'ratio':>6} | {'target':>9} | holds |"
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for r in rows:
-        sign = ">=" if r.higher else "<="
         print(
-            f"| {r.question:<38} | {r.measured:>12,.0f} | {r.reference_name:<34} | {r.reference:>12,.0f} | "
-            f"{r.ratio:>6.2f} | {sign}{r.target:>5.2f} | {'yes' if r.holds else 'NO':>2} |"
+            f"| {r.question:<38} | {_number(r.measured):>12} | {r.reference_name:<34} | {_number(r.reference):>12} | "
+            f"{r.ratio:>6.2f} | {r.target_text:>9} | {'yes' if r.holds else 'NO':>5} |"
         )
     print(f"(units: {', '.join(sorted({r.unit for r in rows}))})")
 
@@ -57,7 +75,12 @@ def save(name: str, rows: Sequence[Row]) -> Path:
     payload = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
-        "rows": [{**asdict(r), "ratio": r.ratio, "holds": r.holds} for r in rows],
+        "rows": [row_dict(r) for r in rows],
     }
     path.write_text(json.dumps(payload, indent=2))
     return path
+
+
+def row_dict(r: Row) -> dict[str, object]:
+    """A row as JSON: its fields plus `ratio` and `holds`."""
+    return {**asdict(r), "ratio": r.ratio, "holds": r.holds}

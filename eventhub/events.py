@@ -82,3 +82,35 @@ def iso_millis(micros: int) -> str:
     """`2013-04-23T20:25:33.434Z`: the timestamp format the HTTP contracts use."""
     dt = micros_to_datetime(micros)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+# -- facet events ---------------------------------------------------------------------
+
+FACT_CONTENT_TYPE: Final = "application/vnd.eventhub.fact+json"
+"""The content type of facet events: their data is a msgspec struct as JSON. Any other
+content type marks raw content (a channel item's body), shown only as digest and size."""
+
+_fact_encode = msgspec.json.Encoder().encode
+
+
+def fact_event(fact: msgspec.Struct, actor: str | None = None) -> NewEvent:
+    """A facet event: its type is the struct's class name, its data the struct as JSON."""
+    meta = {"content-type": FACT_CONTENT_TYPE}
+    if actor:
+        meta["actor"] = actor
+    return NewEvent(type(fact).__name__, _fact_encode(fact), meta)
+
+
+class FactCodec:
+    """Turns a facet's events back into its structs, by event type."""
+
+    def __init__(self, *kinds: type[msgspec.Struct]) -> None:
+        self.kinds = {k.__name__: k for k in kinds}
+        self._decoders = {k.__name__: msgspec.json.Decoder(k) for k in kinds}
+
+    def decode(self, event: Event) -> msgspec.Struct | None:
+        """The struct, or None for a type this facet does not know or a purged event."""
+        decoder = self._decoders.get(event.type)
+        if decoder is None or event.data is None:
+            return None
+        return decoder.decode(event.data)  # type: ignore[no-any-return]

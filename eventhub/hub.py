@@ -76,7 +76,9 @@ class Hub:
             return
         async with self._lock:
             await self._fill(events[0].position - 1)
-            self._ingest([e for e in events if e.position > self.head])
+            fresh = [e for e in events if e.position > self.head]
+            if fresh:
+                self._ingest(fresh)
 
     async def advance(self, head: int) -> None:
         """Another node committed up to `head`: read what this node has not seen."""

@@ -14,16 +14,7 @@ from typing import Any
 
 import msgspec
 
-from eventhub.events import Event, iso_millis
-
-JSON_TYPES = ("application/json",)
-
-
-def is_json_type(content_type: str) -> bool:
-    """`application/json`, with or without parameters, or any `+json` media type."""
-    media = content_type.split(";", 1)[0].strip().lower()
-    return media in JSON_TYPES or media.endswith("+json")
-
+from eventhub.events import FACT_CONTENT_TYPE, Event, iso_millis
 
 def event_summary(event: Event) -> dict[str, Any]:
     """Fields for display: facet events' data decoded, raw content as digest and size."""
@@ -41,12 +32,11 @@ def event_summary(event: Event) -> dict[str, Any]:
         out["purged"] = True
         return out
     out["size"] = len(event.data)
-    if is_json_type(event.meta.get("content-type", "application/json")):
+    if event.meta.get("content-type") == FACT_CONTENT_TYPE:
         try:
             out["data"] = msgspec.json.decode(event.data)
-            return out
         except msgspec.DecodeError:
-            pass
+            pass  # not what its content type says; digest and size still describe it
     return out
 
 

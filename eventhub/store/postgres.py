@@ -476,17 +476,12 @@ class PostgresStore(EventStore):
             committed = [ev for _, evs in accepted for ev in evs]
             if committed:
                 await conn.execute(_INSERT, *_columns(committed))
-            # A keyed call without events records its key too, as the empty range (0, -1).
-            keyed = [
-                (job.key, job.fingerprint, evs[0].position if evs else 0, evs[-1].position if evs else -1)
-                for job, evs in accepted
-                if job.key
-            ]
-            if keyed:
-                await conn.executemany(
-                    "INSERT INTO idempotency (key, fingerprint, first, last) VALUES ($1, $2, $3, $4)", keyed
-                )
-            if committed:
+                # As on SQLite, a keyed call without events writes nothing, not even its key.
+                keyed = [(job.key, job.fingerprint, evs[0].position, evs[-1].position) for job, evs in accepted if job.key and evs]
+                if keyed:
+                    await conn.executemany(
+                        "INSERT INTO idempotency (key, fingerprint, first, last) VALUES ($1, $2, $3, $4)", keyed
+                    )
                 # Delivered to every listening session at commit, in commit order. The
                 # payload is the head only: NOTIFY payloads are capped at 8000 bytes, and
                 # listeners read the events from the log anyway.

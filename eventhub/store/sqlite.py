@@ -146,6 +146,10 @@ class SQLiteStore(EventStore):
             # the statement that needs it: one thread round trip fewer per commit.
             self._writer = await self._connect("IMMEDIATE")
             await self._writer.executescript(_SCHEMA)
+            # A read-only file (in a writable folder) opens and reads fine; a write that
+            # changes nothing finds that out now, at start, not at the first append.
+            await self._writer.execute("DELETE FROM snapshots WHERE 0")
+            await self._writer.rollback()
             self._reader = await self._connect(None)
             await self._reload_head()
         except sqlite3.Error as exc:
@@ -181,7 +185,7 @@ class SQLiteStore(EventStore):
         while not self._queue.empty():
             job = self._queue.get_nowait()
             if job is not None and not job.future.done():
-                job.future.set_exception(StoreClosed("store closed"))
+                _fail(job.future, StoreClosed("store closed"))
         await self._close_connections()
 
     async def _close_connections(self) -> None:
@@ -303,7 +307,7 @@ class SQLiteStore(EventStore):
                 log.exception("writer failed a batch")
                 for j in batch:
                     if not j.future.done():
-                        j.future.set_exception(exc)
+                        _fail(j.future, exc)
             if pending is None and self._closing and self._queue.empty():
                 return
 
@@ -317,11 +321,11 @@ class SQLiteStore(EventStore):
                 await self._rollback()
                 raise
         except sqlite3.Error as exc:
-            job.future.set_exception(translate(exc))
+            _fail(job.future, translate(exc))
         except Exception as exc:
-            job.future.set_exception(exc)
+            _fail(job.future, exc)
         else:
-            job.future.set_result(result)
+            _resolve(job.future, result)
 
     async def _rollback(self) -> None:
         assert self._writer is not None
@@ -341,6 +345,11 @@ class SQLiteStore(EventStore):
         assert self._writer is not None
         conn = self._writer
         try:
+            if not retry:
+                # Retrying after a collision: decide under the write lock this time, or
+                # another process can commit between the reads and the insert again.
+                await conn.execute("BEGIN IMMEDIATE")
+                await self._reload_head()
             accepted, replays, refused = await self._decide(batch)
             rows = [row for _, _, job_rows in accepted for row in job_rows]
             if rows:
@@ -349,6 +358,8 @@ class SQLiteStore(EventStore):
                 if keyed:
                     await conn.executemany("INSERT INTO idempotency (key, fingerprint, first, last) VALUES (?,?,?,?)", keyed)
                 await conn.commit()
+            elif conn.in_transaction:
+                await conn.rollback()
         except sqlite3.Error as exc:
             await self._rollback()
             await self._reload_head()
@@ -360,7 +371,7 @@ class SQLiteStore(EventStore):
             err = translate(exc)
             for job in batch:
                 if not job.future.done():
-                    job.future.set_exception(err)
+                    _fail(job.future, err)
             return
         except BaseException:
             await self._rollback()
@@ -375,12 +386,12 @@ class SQLiteStore(EventStore):
             except Exception:  # the commit is durable; a listener's failure is not the caller's
                 log.exception("commit listener failed at position %d", last.position)
         for job, evs, _ in accepted:
-            job.future.set_result(evs)
+            _resolve(job.future, evs)
         for job, error in refused:
-            job.future.set_exception(error)
+            _fail(job.future, error)
         for job, evs in replays:
             if not job.future.done():
-                job.future.set_result(evs)
+                _resolve(job.future, evs)
 
     async def _decide(
         self, batch: list[_AppendJob]
@@ -499,8 +510,9 @@ class SQLiteStore(EventStore):
         if self._reader is None:
             raise StoreClosed("store is not open")
         try:
-            async with self._reader.execute(sql, params) as cur:
-                rows = await cur.fetchall()
+            # One thread hop per query: a cursor left open across an await keeps the
+            # reader's snapshot, and reads overlapping that way never see new commits.
+            rows = await self._reader.execute_fetchall(sql, params)
         except sqlite3.Error as exc:
             raise translate(exc) from exc
         return [_row_event(r, check) for r in rows]
@@ -554,8 +566,7 @@ class SQLiteStore(EventStore):
         if self._reader is None:
             raise StoreClosed("store is not open")
         try:
-            async with self._reader.execute("SELECT MAX(position) FROM events") as cur:
-                row = await cur.fetchone()
+            [row] = await self._reader.execute_fetchall("SELECT MAX(position) FROM events")
         except sqlite3.Error as exc:
             raise translate(exc) from exc
         return int(row[0]) if row and row[0] is not None else 0
@@ -564,8 +575,7 @@ class SQLiteStore(EventStore):
         if self._reader is None:
             raise StoreClosed("store is not open")
         try:
-            async with self._reader.execute("SELECT MAX(version) FROM events WHERE stream = ?", (stream,)) as cur:
-                row = await cur.fetchone()
+            [row] = await self._reader.execute_fetchall("SELECT MAX(version) FROM events WHERE stream = ?", (stream,))
         except sqlite3.Error as exc:
             raise translate(exc) from exc
         return int(row[0]) if row and row[0] is not None else -1
@@ -590,13 +600,23 @@ class SQLiteStore(EventStore):
         if self._reader is None:
             raise StoreClosed("store is not open")
         try:
-            async with self._reader.execute(
+            rows = await self._reader.execute_fetchall(
                 "SELECT name, version, position, state FROM snapshots WHERE name = ?", (name,)
-            ) as cur:
-                row = await cur.fetchone()
+            )
+            row = next(iter(rows), None)
         except sqlite3.Error as exc:
             raise translate(exc) from exc
         return Snapshot(*row) if row else None
+
+
+def _resolve(future: asyncio.Future[T], value: T) -> None:
+    if not future.done():  # a caller that was cancelled no longer waits
+        future.set_result(value)
+
+
+def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
 
 
 def _matches(expected: int, actual: int) -> bool:

@@ -5,14 +5,20 @@ from __future__ import annotations
 import asyncio
 
 from api.keys import LOG
-from eventhub.events import NewEvent, StreamAppend
+import msgspec
+
+from eventhub.events import NewEvent, StreamAppend, fact_event
 from tests.conftest import AppClient
 
 AUTH = {"Authorization": "Bearer admin-secret"}
 
 
+class Thing(msgspec.Struct, frozen=True):
+    n: int
+
+
 async def _append(client, stream: str, n: int = 1) -> None:  # type: ignore[no-untyped-def]
-    await client.app[LOG].append(StreamAppend(stream, [NewEvent("Thing", b'{"n": 1}', {"content-type": "application/json"})] * n))
+    await client.app[LOG].append(StreamAppend(stream, [fact_event(Thing(1))] * n))
 
 
 async def test_health_reports_head_and_backend(make_client: AppClient) -> None:
@@ -37,12 +43,23 @@ async def test_events_page_filters_and_resumes(make_client: AppClient) -> None:
     client = await make_client()
     await _append(client, "test:a", 2)
     await _append(client, "other:b", 2)
-    resp = await client.get("/events", params={"after": "1", "prefix": "test:"}, headers=AUTH)
+    await client.app[LOG].append(StreamAppend("test:raw", [NewEvent("ItemInserted", b"secret bytes", {"content-type": "text/plain"})]))
+    resp = await client.get("/events", params={"from": "2", "stream": "test:"}, headers=AUTH)
     body = await resp.json()
-    assert [e["position"] for e in body["events"]] == [2]
-    assert body["events"][0]["data"] == {"n": 1}
-    bad = await client.get("/events", params={"after": "x"}, headers=AUTH)
-    assert bad.status == 400
+    assert [e["position"] for e in body["events"]] == [2, 5]
+    fact, raw = body["events"]
+    assert fact["data"] == {"n": 1} and fact["type"] == "Thing" and fact["version"] == 1
+    assert {"position", "stream", "version", "type", "recorded_at", "hash"} <= fact.keys()
+    # raw content shows as digest and size, never its bytes
+    assert "data" not in raw and raw["size"] == len(b"secret bytes") and len(raw["digest"]) == 64
+    assert body["next"] == 6
+    page = await (await client.get("/events", params={"from": "1", "limit": "2"}, headers=AUTH)).json()
+    assert [e["position"] for e in page["events"]] == [1, 2] and page["next"] == 3
+    typed = await (await client.get("/events", params={"type": "ItemInserted"}, headers=AUTH)).json()
+    assert [e["position"] for e in typed["events"]] == [5]
+    for bad in ({"from": "x"}, {"from": "0"}, {"limit": "0"}, {"limit": "10001"}, {"wait": "-1"}, {"wait": "nan"}):
+        resp = await client.get("/events", params=bad, headers=AUTH)
+        assert resp.status == 400 and "error" in await resp.json()
 
 
 async def test_long_poll_wakes_on_append(make_client: AppClient) -> None:
@@ -57,8 +74,8 @@ async def test_long_poll_wakes_on_append(make_client: AppClient) -> None:
 
 async def test_long_poll_times_out_empty(make_client: AppClient) -> None:
     client = await make_client()
-    body = await (await client.get("/events", params={"wait": "0.05", "after": "0"}, headers=AUTH)).json()
-    assert body["events"] == [] and body["next_after"] == 0
+    body = await (await client.get("/events", params={"wait": "0.05"}, headers=AUTH)).json()
+    assert body["events"] == [] and body["next"] == 1
 
 
 async def test_sse_resumes_from_last_event_id(make_client: AppClient) -> None:
@@ -80,9 +97,22 @@ async def test_sse_resumes_from_last_event_id(make_client: AppClient) -> None:
 async def test_websocket_catches_up_then_follows(make_client: AppClient) -> None:
     client = await make_client()
     await _append(client, "test:a", 2)
-    ws = await client.ws_connect("/events/ws", headers=AUTH)
+    ws = await client.ws_connect("/events/ws", params={"from": "1"}, headers=AUTH)
     first = [await ws.receive_json(), await ws.receive_json()]
     await _append(client, "test:a")
     third = await ws.receive_json()
     assert [e["position"] for e in first + [third]] == [1, 2, 3]
     await ws.close()
+
+
+async def test_websocket_resumes_without_a_gap(make_client: AppClient) -> None:
+    client = await make_client()
+    await _append(client, "test:a", 3)
+    ws = await client.ws_connect("/events/ws", headers=AUTH)
+    seen = [(await ws.receive_json())["position"] for _ in range(2)]
+    await ws.close()
+    await _append(client, "test:a", 2)
+    ws = await client.ws_connect("/events/ws", params={"from": str(seen[-1] + 1)}, headers=AUTH)
+    seen += [(await ws.receive_json())["position"] for _ in range(3)]
+    await ws.close()
+    assert seen == [1, 2, 3, 4, 5]

@@ -23,12 +23,12 @@ from api.cli import main
 from eventhub.cli import Progress
 from eventhub.chain import digest, encode_meta, event_hash
 from eventhub.clock import ManualClock
-from eventhub.events import Event, NewEvent, StreamAppend
+from eventhub.events import FACT_CONTENT_TYPE, Event, NewEvent, StreamAppend
 from eventhub.store import store_from_url
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[2]
-JSON = {"content-type": "application/json"}
+JSON = {"content-type": FACT_CONTENT_TYPE}  # facet events: data shown decoded
 RAW = {"content-type": "application/octet-stream"}
 
 
