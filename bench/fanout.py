@@ -53,6 +53,20 @@ class Fanout:
     deliveries_per_s: float
     burst_lines: int
     burst_expected: int
+    server_cpu_us: float  # server CPU per delivery in the burst
+    subscribers_cpu_us: float  # subscriber processes' CPU per delivery in the burst
+    burst_seconds: float
+
+
+def cpu_seconds(*pids: int) -> float:
+    """User + system CPU seconds the processes have used so far."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        t = psutil.Process(pid).cpu_times()
+        total += t.user + t.system
+    return total
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -130,12 +144,15 @@ def measure(server: Server, processes: int, per_process: int, rate: float, secon
         latencies = sorted(t - sends[text] for text, times in got.lines.items() if text in sends for t in times)
 
         pool.mark()
+        sub_pids = [p.pid for p in pool.procs]
         context = on_measure("throughput") if on_measure else None
         if context:
             context.__enter__()
         try:
+            cpu0, sub0 = cpu_seconds(server.pid), cpu_seconds(*sub_pids)
             start, burst_sends = asyncio.run(burst(url, count))
             took = pool.collect(count, LATE + count * size / 20_000, folder)
+            server_cpu, sub_cpu = cpu_seconds(server.pid) - cpu0, cpu_seconds(*sub_pids) - sub0
         finally:
             if context:
                 context.__exit__(None, None, None)
@@ -150,13 +167,17 @@ def measure(server: Server, processes: int, per_process: int, rate: float, secon
         deliveries_per_s=delivered / (last - start) if last > start else 0.0,
         burst_lines=delivered,
         burst_expected=count * size,
+        server_cpu_us=server_cpu / max(delivered, 1) * 1e6,
+        subscribers_cpu_us=sub_cpu / max(delivered, 1) * 1e6,
+        burst_seconds=last - start,
     )
 
 
 def _describe(name: str, f: Fanout) -> str:
     return (f"{name:<9} {f.subscribers:,} subscribers: latency p50 {f.p50_ms:7.2f} ms, p99 {f.p99_ms:7.2f} ms "
             f"({f.latency_lines:,}/{f.latency_expected:,} lines); burst {f.deliveries_per_s:>9,.0f} deliveries/s "
-            f"({f.burst_lines:,}/{f.burst_expected:,} lines)")
+            f"({f.burst_lines:,}/{f.burst_expected:,} lines in {f.burst_seconds:.1f} s; CPU per delivery: server "
+            f"{f.server_cpu_us:.1f} us, subscribers {f.subscribers_cpu_us:.1f} us)")
 
 
 def run(subscribers: int = 1000, processes: int = 2, rate: float = 100.0, seconds: float = 10.0, count: int = 1000,

@@ -106,11 +106,12 @@ def run(seconds: float = 10.0, connections: int = 64, load: str | None = None, s
         profile: Path | None = None) -> list[Row]:
     load = load or tool()
     body = body_of(200)
-    warm = max(1.0, min(WARMUP_SECONDS, seconds / 4))
+    warm = WARMUP_SECONDS if seconds >= 5 else 0.0  # short runs are smoke runs: no warm-up
     print(f"bench.insert: {connections} connections, {len(body)}-byte JSON bodies, load generator: {load}")
     with ceiling("noop") as noop:
         url = f"{noop.base}/channel/bench"
-        post_load(url, body, connections=connections, seconds=warm, force=load)
+        if warm:
+            post_load(url, body, connections=connections, seconds=warm, force=load)
         ceil = post_load(url, body, connections=connections, seconds=seconds, force=load)
     print(_describe("ceiling", ceil))
     if load == "aiohttp":
@@ -119,7 +120,8 @@ def run(seconds: float = 10.0, connections: int = 64, load: str | None = None, s
     with tempfile.TemporaryDirectory(prefix="bench-insert-") as tmp, hub(Path(tmp) / "insert.db") as server:
         create_channel(server.base, "bench")
         url = f"{server.base}/channel/bench"
-        post_load(url, body, connections=connections, seconds=warm, force=load)
+        if warm:
+            post_load(url, body, connections=connections, seconds=warm, force=load)
         before = int(health(server.base)["head"])  # type: ignore[call-overload]
         if profile is None:
             ours = post_load(url, body, connections=connections, seconds=seconds, force=load)

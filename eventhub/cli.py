@@ -245,9 +245,13 @@ async def cmd_export(args: argparse.Namespace) -> int:
                 bar.update(events[-1].position - start)
             bar.done()
             out.flush()
-        finally:
+        except BaseException:
             if not to_stdout:
                 out.close()
+                part.unlink(missing_ok=True)
+            raise
+        if not to_stdout:
+            out.close()
         result = verifier.result
         if result.ok and result.head < until:
             result.broken_at, result.reason = result.head + 1, f"position {result.head + 1} is missing"
@@ -308,7 +312,7 @@ async def cmd_import(args: argparse.Namespace) -> int:
     async with opened(args, must_exist=False) as store:
         head = await store.head()
         try:
-            span = _check_file(path, head)
+            span = await asyncio.to_thread(_check_file, path, head)  # keep the loop (and its connections) live
         except ImportRefused as exc:
             print(f"refused: {exc}; nothing imported", file=sys.stderr)
             return 1

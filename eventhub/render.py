@@ -16,6 +16,7 @@ import msgspec
 
 from eventhub.events import FACT_CONTENT_TYPE, Event, iso_millis
 
+
 def event_summary(event: Event) -> dict[str, Any]:
     """Fields for display: facet events' data decoded, raw content as digest and size."""
     out: dict[str, Any] = {

@@ -49,6 +49,10 @@ class Settings(msgspec.Struct, kw_only=True):
     auth_key_file: str = ""  # specs: local development key pair (default: beside the sqlite file)
     dpp_retries: int = 5
     dpp_backoff_seconds: float = 1.0
+    webhook_allow: list[str] = []  # empty: EVENTHUB_EXPORT_ALLOW applies to callbacks too
+    webhook_backoff_seconds: float = 1.0
+    webhook_timeout_seconds: int = 30
+    webhook_lease_grace_seconds: float = 10.0
 
     @property
     def backend(self) -> str:
@@ -147,6 +151,12 @@ def _validate(s: Settings) -> None:
     for field in ("dpp_retries", "dpp_backoff_seconds"):
         if getattr(s, field) < 0:
             raise bad(field, "must not be negative")
+    if s.webhook_backoff_seconds < 0:
+        raise bad("webhook_backoff_seconds", "must not be negative")
+    if not 1 <= s.webhook_timeout_seconds <= 1800:
+        raise bad("webhook_timeout_seconds", "must be from 1 to 1800")
+    if s.webhook_lease_grace_seconds <= 0:
+        raise bad("webhook_lease_grace_seconds", "must be positive")
     if s.dpp_url and not s.dpp_url.startswith(("http://", "https://")):
         raise bad("dpp_url", f"{s.dpp_url!r} is not an http(s) URL")
     if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

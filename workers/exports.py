@@ -73,14 +73,15 @@ class ExportWorker:
         self.response_limit = settings.export_response_max_bytes
         self.slots = asyncio.Semaphore(settings.export_parallel)
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.requests: dict[str, model.ExportRequested] = {}  # payloads of requests in hand
 
     async def run(self) -> None:
         after = self.log.head  # the projection has folded everything up to here
         for client in self.model.clients_with_work():
             self._ensure(client)
         try:
-            subscription = self.log.hub.subscribe(after, EventFilter(prefix=model.PREFIX, types=["ExportRequested"]))
-            async for batch in subscription:
+            # cancelled at shutdown inside the generator's own wait, which ends it too
+            async for batch in self.log.hub.subscribe(after, EventFilter(prefix=model.PREFIX, types=["ExportRequested"])):
                 for event in batch:
                     entry = self.model.get(event.stream[len(model.PREFIX) :])
                     if entry is not None and entry.state != model.FINISHED:
@@ -103,6 +104,8 @@ class ExportWorker:
                 try:
                     await self._step(entry)
                     pause = ERROR_PAUSE_SECONDS[0]
+                    if entry.state == model.FINISHED:
+                        self.requests.pop(entry.id, None)
                 except Exception as exc:
                     log.warning("export %s: %s; trying again in %gs", entry.id, _describe(exc), pause)
                     await asyncio.sleep(pause)
@@ -115,11 +118,13 @@ class ExportWorker:
     async def _step(self, entry: model.Entry) -> None:
         """Take the request one step on: an attempt, giving up, or waiting for its turn."""
         async with self.slots:
-            request = await self._request(entry)
-            # decide and take the expected version together, with no await between
-            step = model.decide_claim(entry, self.node, self.clock.now(), self.policy)
-            if step is not None:
-                await self._attempt(entry, entry.version, step, request)
+            if model.decide_claim(entry, self.node, self.clock.now(), self.policy) is not None:
+                request = await self._request(entry)
+                # decide again and take the expected version with no await in between:
+                # the read above may have let another node's claim be folded in
+                step = model.decide_claim(entry, self.node, self.clock.now(), self.policy)
+                if step is not None:
+                    await self._attempt(entry, entry.version, step, request)
                 return
         await self._wait(entry)
 
@@ -141,7 +146,8 @@ class ExportWorker:
             raise
         fact = model.decide_outcome(step.attempt, outcome, self.clock.now(), self.policy, request.uri)
         if isinstance(fact, model.ExportFinished) and fact.error:
-            log.warning("export %s: %s", entry.id, fact.error)
+            # no uri in the log line: destinations may carry credentials in their query
+            log.warning("export %s finished with %d after %d attempts", entry.id, fact.status, fact.attempts)
         await self._record(entry, fact, version)
 
     async def _record(self, entry: model.Entry, fact: model.ExportEvent, version: int) -> None:
@@ -163,10 +169,14 @@ class ExportWorker:
                 pause = min(pause * 2, ERROR_PAUSE_SECONDS[1])
 
     async def _request(self, entry: model.Entry) -> model.ExportRequested:
-        events = await self.log.store.read_stream(entry.stream, 0, 1)
-        fact = model.from_event(events[0])
-        assert isinstance(fact, model.ExportRequested)
-        return fact
+        """The request's payload, from the log (kept while the request is unfinished)."""
+        cached = self.requests.get(entry.id)
+        if cached is None:
+            events = await self.log.store.read_stream(entry.stream, 0, 1)
+            fact = model.from_event(events[0])
+            assert isinstance(fact, model.ExportRequested)
+            cached = self.requests[entry.id] = fact
+        return cached
 
     async def _release(self, entry: model.Entry, attempt: int, version: int) -> None:
         """Shutting down mid-send: hand the claim back so the next node need not wait."""

@@ -22,7 +22,8 @@ from eventhub.events import Event, NewEvent, StreamAppend, iso_millis
 from eventhub.log import EventLog
 from eventhub.projection import Projection
 from eventhub.store import Snapshot, store_from_url
-from tests.eventhub.test_cli import sqlite_url, url  # noqa: F401  (fixtures)
+from api.cli import main
+from tests.eventhub.test_cli import in_thread, sqlite_url, url  # noqa: F401  (fixtures)
 
 
 class Tally(Projection):
@@ -91,12 +92,8 @@ FACET.setup = _setup  # type: ignore[attr-defined]
 
 
 async def replay(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    import asyncio
-
-    from api.cli import main
-
     capsys.readouterr()
-    code = await asyncio.to_thread(main, ["replay", *argv], facets=(FACET,))
+    code = await in_thread(main, ["replay", *argv], facets=(FACET,))
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -217,17 +214,15 @@ async def test_replay_check_without_snapshots(tmp_path: Path, capsys: pytest.Cap
 
 async def test_replay_without_facets_uses_the_apps(sqlite_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     """`eventhub replay` as shipped: the projections `api.app.FACETS` registers."""
-    import asyncio
-
     from api.app import FACETS
-    from api.cli import facet_projections, main
+    from api.cli import facet_projections
 
     async with store_from_url(sqlite_url) as store:
         await store.append(StreamAppend("tally:a", [NewEvent("Tallied", b'{"amount": 1}')]))
     names = [p.name for p in facet_projections(sqlite_url)]
     assert bool(names) == bool(FACETS)
     capsys.readouterr()
-    assert await asyncio.to_thread(main, ["replay", "--database-url", sqlite_url]) == 0
+    assert await in_thread(main, ["replay", "--database-url", sqlite_url]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["position"] == 1 and list(doc["projections"]) == names
-    assert await asyncio.to_thread(main, ["replay", "--check", "--database-url", sqlite_url]) == 0
+    assert await in_thread(main, ["replay", "--check", "--database-url", sqlite_url]) == 0

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import json
 import sqlite3
 import sys
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -91,9 +92,16 @@ async def fill(url: str, rounds: int = 10, *, clock: ManualClock | None = None, 
 async def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     """`eventhub ARGV` in-process; (exit status, stdout, stderr)."""
     capsys.readouterr()
-    code = await asyncio.to_thread(main, list(argv))
+    code = await in_thread(main, list(argv))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+async def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn` in a thread of its own (a command runs its own event loop, as from a shell),
+    joined before returning so no worker thread outlives the test."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args, **kwargs))
 
 
 def tamper(url: str, sql: str, *params: object) -> None:
@@ -375,6 +383,15 @@ async def test_export_refuses_a_broken_log(url: str, tmp_path: Path, capsys: pyt
     file = tmp_path / "log.jsonl"
     code, _, err = await run(capsys, "export", str(file), "--database-url", url)
     assert code == 1 and "broken at position 5: position 5 is missing (next is 6); nothing exported" in err
+    assert not file.exists() and not (tmp_path / "log.jsonl.part").exists()
+
+
+def test_export_of_an_unreadable_row_leaves_no_file(sqlite_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _sync(fill(sqlite_url))
+    tamper(sqlite_url, "UPDATE events SET meta = $1 WHERE position = $2", b"{not json", 13)
+    file = tmp_path / "log.jsonl"
+    assert main(["export", str(file), "--database-url", sqlite_url]) == 2
+    assert "position 13" in capsys.readouterr().err
     assert not file.exists() and not (tmp_path / "log.jsonl.part").exists()
 
 

@@ -246,6 +246,65 @@ async def test_two_apps_on_one_database_deliver_each_export_once(
     assert len(claimed) == len(ids)  # one winning claim per export, no second attempt
 
 
+async def _server(env: dict[str, str]) -> tuple[asyncio.subprocess.Process, str]:
+    """An eventhub server with the exports facet in its own process (the bench's server role)."""
+    root = Path(__file__).resolve().parents[2]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(root / "bench" / "exports.py"), "--role", "server",
+        stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(root), **env},
+    )
+    assert proc.stdout is not None
+    line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+    assert line.startswith("PORT "), line
+    return proc, f"http://127.0.0.1:{line.split()[1]}"
+
+
+@pytest.mark.slow
+async def test_kill_9_mid_send_then_a_restarted_server_sends_it_again(receiver: Receiver, tmp_path: Path) -> None:
+    import aiohttp
+
+    from api.exports import mint_macaroon
+
+    async def first_hangs(request: web.Request, n: int) -> web.StreamResponse:
+        if n == 1:
+            await receiver.release.wait()
+        return web.Response(text=f"got it on call {n}")
+
+    receiver.respond = first_hangs
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'kill.db'}", "EVENTHUB_EXPORT_MACAROON_KEY": "k",
+        "EVENTHUB_EXPORT_TARGET": "eventhub", "EVENTHUB_EXPORT_TIMEOUT_SECONDS": "0.5",
+        "EVENTHUB_EXPORT_LEASE_GRACE_SECONDS": "0.5", "EVENTHUB_LOG_LEVEL": "ERROR",
+    }
+    keys = {p: mint_macaroon("k", "eventhub", p, receiver.url, "alice") for p in ("/export", "/lp/export")}
+
+    async def call(http: aiohttp.ClientSession, base: str, path: str, export_id: str = "") -> dict[str, Any]:
+        body = {"id": export_id, "uri": receiver.url, "data": '{"n": 1}'}
+        async with http.post(base + path, json=body, params={"timeout": "10"}, headers={"X-Api-Key": keys[path]}) as r:
+            assert r.status == 200, await r.text()
+            return await r.json()  # type: ignore[no-any-return]
+
+    async with aiohttp.ClientSession() as http:
+        proc, base = await _server(env)
+        try:
+            created = await call(http, base, "/export")
+            await asyncio.wait_for(receiver.arrived.get(), 10)  # claimed and on the wire
+        finally:
+            proc.kill()  # kill -9: no release, the claim stays until its lease ends
+            await proc.wait()
+        proc, base = await _server(env)
+        try:
+            for _ in range(20):
+                answer = await call(http, base, "/lp/export", created["id"])
+                if answer["state"] == "Finished":
+                    break
+            assert answer["ext_response"] == {"status": 200, "body": "got it on call 2"}
+        finally:
+            proc.terminate()
+            await proc.wait()
+    assert [c["headers"]["X-Export-Attempt"] for c in receiver.calls] == ["1", "2"]
+
+
 @pytest.mark.slow
 def test_bench_smoke(tmp_path: Path) -> None:
     """The benchmark runs end to end (tiny numbers): server, receiver and load processes."""
