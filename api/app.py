@@ -11,7 +11,7 @@ from aiohttp import web
 
 from types import ModuleType
 
-from api import channels, events, specs
+from api import channels, events, exports, specs
 from api.common import POSITION_HEADER, json_response
 from api.keys import CLOCK, HTTP, LOG, PROJECTIONS, SETTINGS, WORKERS
 from eventhub.clock import Clock, SystemClock
@@ -24,7 +24,7 @@ from eventhub.store import create_store
 log = logging.getLogger(__name__)
 
 # each facet module exposes setup(app): routes, its projection, its workers
-FACETS: tuple[ModuleType, ...] = (channels, specs)
+FACETS: tuple[ModuleType, ...] = (channels, exports, specs)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 

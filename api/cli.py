@@ -247,6 +247,13 @@ def _extra(facets: tuple[ModuleType, ...] | None) -> Any:
 
         p.set_defaults(func=replay)
 
+        from api.app import FACETS
+
+        for facet in FACETS:  # facet commands: `token` (specs), `macaroon` (exports)
+            add_commands = getattr(facet, "add_commands", None)
+            if add_commands is not None:
+                add_commands(sub)
+
     return add
 
 

@@ -27,7 +27,7 @@ from pymacaroons.exceptions import MacaroonException  # type: ignore[import-unty
 from api.common import BodyTooLarge, json_response, read_body
 from api.keys import LOG, PROJECTIONS, SETTINGS
 from eventhub.errors import SettingsError
-from eventhub.events import NO_STREAM, StreamAppend
+from eventhub.events import NO_STREAM, StreamAppend, fact_event
 from eventhub.netguard import OutboundGuard, RefusedDestination
 from eventhub.settings import Settings, env_name, load_settings
 from projections import exports as model
@@ -110,7 +110,8 @@ async def _create(request: web.Request, client: str, body: model.ExportBody) -> 
         await request.app[GUARD].check_resolved(fact.uri)
     except RefusedDestination as exc:
         raise ExportError(400, f"destination refused: {exc}") from None
-    await request.app[LOG].append(StreamAppend(model.stream_of(fact.id), [model.to_event(fact, actor=client)], NO_STREAM))
+    event = fact_event(fact, actor=client)
+    await request.app[LOG].append(StreamAppend(model.stream_of(fact.id), [event], NO_STREAM))
     entry = request.app[EXPORTS].get(fact.id)
     assert entry is not None  # read your writes: the append folded it in
     return json_response(model.render(entry))
@@ -155,7 +156,8 @@ class _Token:
         """The client, once every `destination` caveat names `uri`; else 401."""
         for allowed in self.destinations:
             if allowed != uri:
-                raise ExportError(401, f"Invalid API key/token: caveat 'destination = {allowed}' does not match the uri")
+                message = f"Invalid API key/token: caveat 'destination = {allowed}' does not match the uri"
+                raise ExportError(401, message)
         return self.client
 
 
@@ -165,7 +167,8 @@ _REQUIRED = ("target", "method", "path", "destination")
 def _authenticate(request: web.Request, settings: Settings) -> _Token:
     key = settings.export_macaroon_key
     if not key:
-        raise ExportError(401, f"{env_name('export_macaroon_key')} is not set: the export service refuses every request")
+        name = env_name("export_macaroon_key")
+        raise ExportError(401, f"{name} is not set: the export service refuses every request")
     serialized = _macaroon_from(request)
     try:
         macaroon = Macaroon.deserialize(serialized)
@@ -251,7 +254,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         help="mint an export macaroon (key and target from EVENTHUB_EXPORT_MACAROON_KEY / _TARGET)",
     )
     p.add_argument("--destination", required=True, help="the uri the exports will go to, exactly as sent")
-    p.add_argument("--path", default="/export", choices=("/export", "/lp/export"), help="the endpoint (default /export)")
+    p.add_argument(
+        "--path", default="/export", choices=("/export", "/lp/export"), help="the endpoint (default /export)"
+    )
     p.add_argument("--client", default="local", help="the client id (the macaroon's identifier; default 'local')")
     p.set_defaults(sync=cmd_macaroon)
 

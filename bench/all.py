@@ -65,7 +65,9 @@ def _append_rows(seconds: float) -> list[Row]:
 
 
 def replay_rows(log: Path) -> list[Row]:
-    """bench.replay's measurements on an existing log, with the issue's target."""
+    """bench.replay's measurements on an existing log (as its `main` makes them), with the
+    issue's target."""
+    from api.cli import facet_projections
     from bench import replay
 
     def timed(fn: Callable[[], int]) -> tuple[int, float]:
@@ -75,7 +77,8 @@ def replay_rows(log: Path) -> list[Row]:
 
     read, read_s = timed(lambda: replay.sqlite_ceiling(log))
     verified, verify_s = timed(lambda: asyncio.run(replay.run_verify(log)))
-    rebuilt, rebuild_s = timed(lambda: asyncio.run(replay.run_rebuild(log)))
+    projections = [*facet_projections(f"sqlite:///{log}"), replay.BenchModel()]  # built untimed
+    rebuilt, rebuild_s = timed(lambda: asyncio.run(replay.run_rebuild(log, projections)))
     print(f"bench.replay: {read:,} events: SELECT {read_s:.2f} s, verify {verify_s:.2f} s, rebuild {rebuild_s:.2f} s")
     ceiling = read / read_s
     label = f"{read / 1e6:g}M" if read >= 100_000 else f"{read:,}"
@@ -129,6 +132,7 @@ def chart(rows: list[Row], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(10, 0.55 * len(rows) + 1.6))
     labels, ratios, colors = [], [], []
@@ -137,19 +141,25 @@ def chart(rows: list[Row], path: Path, title: str) -> None:
         ratios.append(max(r.ratio, 1e-3) if r.reference else 1.0)
         no_target = r.margin is None and r.higher and not r.target
         colors.append("#9e9e9e" if no_target else "#2e7d32" if r.holds else "#c62828")
-    y = list(range(len(rows)))[::-1]
-    ax.barh(y, ratios, color=colors, height=0.6)
-    for yi, r, ratio in zip(y, rows, ratios):
+    targets: list[float | None] = []
+    for r in rows:
         if r.margin is not None and r.reference:
-            target = (r.reference + r.margin) / r.reference
+            targets.append((r.reference + r.margin) / r.reference)
         elif r.higher and not r.target:
-            target = None
+            targets.append(None)
         else:
-            target = r.target
+            targets.append(r.target)
+    known = ratios + [t for t in targets if t]
+    lo, hi = min(min(known) / 2, 0.5), max(max(known) * 2, 2.0)
+    y = list(range(len(rows)))[::-1]
+    ax.barh(y, [v - lo for v in ratios], left=lo, color=colors, height=0.6)
+    for yi, r, ratio, target in zip(y, rows, ratios, targets):
         if target:
             ax.plot([target, target], [yi - 0.4, yi + 0.4], color="black", linewidth=2)
         ax.text(ratio * 1.05, yi, f"{r.ratio:.2f}x", va="center", fontsize=8)
     ax.set_xscale("log")
+    ax.set_xlim(lo, hi)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
     ax.axvline(1.0, color="#555555", linewidth=0.8, linestyle=":")
     ax.set_yticks(y)
     ax.set_yticklabels(labels, fontsize=8)

@@ -97,7 +97,8 @@ class _Client:
     async def post(self, path: str, export_id: str = "", data: str = '{"n": 0}') -> dict[str, object]:
         body = {"id": export_id, "uri": self.receiver, "data": data}
         params = {"timeout": "30"} if path == "/lp/export" else None
-        async with self.session.post(self.base + path, json=body, params=params, headers={"X-Api-Key": self.keys[path]}) as r:
+        headers = {"X-Api-Key": self.keys[path]}
+        async with self.session.post(self.base + path, json=body, params=params, headers=headers) as r:
             if r.status != 200:
                 raise RuntimeError(f"{path}: {r.status} {await r.text()}")
             return await r.json()  # type: ignore[no-any-return]

@@ -35,7 +35,7 @@ import aiohttp
 
 from bench.common import Row, print_table, save
 from bench.load import body_of
-from bench.servers import BenchError, Server, ceiling, create_channel, hub, raise_open_files
+from bench.servers import BenchError, Server, ceiling, cpu_seconds, create_channel, hub, raise_open_files
 from bench.subscribers import Pool
 
 CHANNEL = "bench"
@@ -57,16 +57,6 @@ class Fanout:
     subscribers_cpu_us: float  # subscriber processes' CPU per delivery in the burst
     burst_seconds: float
 
-
-def cpu_seconds(*pids: int) -> float:
-    """User + system CPU seconds the processes have used so far."""
-    import psutil
-
-    total = 0.0
-    for pid in pids:
-        t = psutil.Process(pid).cpu_times()
-        total += t.user + t.system
-    return total
 
 
 def percentile(sorted_values: list[float], q: float) -> float:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bench.common import Row, print_table, save
 from bench.load import LoadResult, body_of, post_load, tool
-from bench.servers import BenchError, ceiling, create_channel, health, hub, spawn
+from bench.servers import BenchError, ceiling, cpu_seconds, create_channel, health, hub, spawn
 
 NATS_URL = "nats://127.0.0.1:4222"
 NATS_START = [
@@ -97,9 +97,10 @@ async def nats_publish_rate(body: bytes, seconds: float, in_flight: int = 64) ->
     return done / elapsed, done
 
 
-def _describe(name: str, r: LoadResult) -> str:
+def _describe(name: str, r: LoadResult, cpu: float) -> str:
     return (f"{name:<9} {r.rate:>10,.0f}/s  {r.requests:>9,} answered  {r.errors:>6,} errors  "
-            f"p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms  ({r.tool}, {r.seconds:.1f} s)")
+            f"p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms  ({r.tool}, {r.seconds:.1f} s); server CPU "
+            f"{100 * cpu / r.seconds:.0f}% of a core, {1e6 * cpu / max(r.requests, 1):.0f} us per insert")
 
 
 def run(seconds: float = 10.0, connections: int = 64, load: str | None = None, start_nats: bool = True,
@@ -112,8 +113,16 @@ def run(seconds: float = 10.0, connections: int = 64, load: str | None = None, s
         url = f"{noop.base}/channel/bench"
         if warm:
             post_load(url, body, connections=connections, seconds=warm, force=load)
-        ceil = post_load(url, body, connections=connections, seconds=seconds, force=load)
-    print(_describe("ceiling", ceil))
+        cpu = cpu_seconds(noop.pid)
+        if profile is None:
+            ceil = post_load(url, body, connections=connections, seconds=seconds, force=load)
+        else:
+            from bench.profile import recorder
+
+            with recorder(noop.pid, profile / "insert-ceiling.txt"):
+                ceil = post_load(url, body, connections=connections, seconds=seconds, force=load)
+        ceil_cpu = cpu_seconds(noop.pid) - cpu
+    print(_describe("ceiling", ceil, ceil_cpu))
     if load == "aiohttp":
         print("  (the aiohttp client may not saturate the ceiling; install wrk for a true ceiling)")
 
@@ -123,6 +132,7 @@ def run(seconds: float = 10.0, connections: int = 64, load: str | None = None, s
         if warm:
             post_load(url, body, connections=connections, seconds=warm, force=load)
         before = int(health(server.base)["head"])  # type: ignore[call-overload]
+        cpu = cpu_seconds(server.pid)
         if profile is None:
             ours = post_load(url, body, connections=connections, seconds=seconds, force=load)
         else:
@@ -130,8 +140,9 @@ def run(seconds: float = 10.0, connections: int = 64, load: str | None = None, s
 
             with recorder(server.pid, profile / "insert.txt"):
                 ours = post_load(url, body, connections=connections, seconds=seconds, force=load)
+        ours_cpu = cpu_seconds(server.pid) - cpu
         written = int(health(server.base)["head"]) - before  # type: ignore[call-overload]
-    print(_describe("eventhub", ours))
+    print(_describe("eventhub", ours, ours_cpu))
     if ours.requests == 0:
         raise BenchError("eventhub answered no insert with 201 (is POST /channel/{name} served?)")
     if written < ours.requests:

@@ -209,6 +209,17 @@ def health(base: str) -> dict[str, object]:
     return json.loads(body)  # type: ignore[no-any-return]
 
 
+def cpu_seconds(*pids: int) -> float:
+    """User + system CPU seconds the processes have used so far."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        t = psutil.Process(pid).cpu_times()
+        total += t.user + t.system
+    return total
+
+
 def rss_bytes(pid: int) -> int:
     import psutil
 

@@ -23,7 +23,7 @@ from typing import Final, Literal
 import msgspec
 
 from eventhub.claims import Lease, claimable, lease_until
-from eventhub.events import Event, NewEvent
+from eventhub.events import Event, FactCodec, NewEvent, fact_event
 from eventhub.projection import Projection
 
 PREFIX: Final = "export:"
@@ -35,9 +35,6 @@ State = Literal["Pending", "Processing", "Finished"]
 # Status codes recorded when no receiver answered (the body says which case it was).
 STATUS_UNREACHABLE: Final = 502
 STATUS_TIMED_OUT: Final = 504
-
-_META: Final = {"content-type": "application/json"}
-
 
 class ExportError(Exception):
     """The one error of the facet: an HTTP status and a message for the client."""
@@ -81,21 +78,16 @@ class ExportFinished(msgspec.Struct, frozen=True, kw_only=True):
 
 
 ExportEvent = ExportRequested | ExportClaimed | ExportAttemptFailed | ExportFinished
-_TYPES: Final[dict[str, type[ExportEvent]]] = {
-    t.__name__: t for t in (ExportRequested, ExportClaimed, ExportAttemptFailed, ExportFinished)
-}
-_DECODERS = {name: msgspec.json.Decoder(t) for name, t in _TYPES.items()}
 _encode = msgspec.json.Encoder().encode
-
-
-def to_event(fact: ExportEvent, actor: str | None = None) -> NewEvent:
-    meta = _META if actor is None else {**_META, "actor": actor}
-    return NewEvent(type(fact).__name__, _encode(fact), meta)
+FACTS: Final = FactCodec(ExportRequested, ExportClaimed, ExportAttemptFailed, ExportFinished)
 
 
 def from_event(event: Event) -> ExportEvent:
     """Decode one of the facet's events (raises KeyError for a type it does not know)."""
-    return _DECODERS[event.type].decode(event.data or b"")
+    fact = FACTS.decode(event)
+    if fact is None:
+        raise KeyError(event.type)
+    return fact  # type: ignore[return-value]
 
 
 def stream_of(export_id: str) -> str:
@@ -310,9 +302,8 @@ def _give_up(entry: Entry, now: int) -> ExportFinished:
         node = entry.lease.node if entry.lease else "?"
         reason = f"node {node} stopped during attempt {entry.attempt} and its lease expired"
         status = STATUS_TIMED_OUT
-    return ExportFinished(
-        status=status, body=f"export failed after {entry.attempt} attempts: {reason}", attempts=entry.attempt, error=reason
-    )
+    body = f"export failed after {entry.attempt} attempts: {reason}"
+    return ExportFinished(status=status, body=body, attempts=entry.attempt, error=reason)
 
 
 def decide_outcome(

@@ -29,7 +29,7 @@ from api.exports import EXPORTS, GUARD
 from api.keys import CLOCK, HTTP, LOG, SETTINGS, WORKERS
 from eventhub import claims
 from eventhub.errors import StoreUnavailable, WrongExpectedVersion
-from eventhub.events import StreamAppend
+from eventhub.events import StreamAppend, fact_event
 from eventhub.hub import EventFilter
 from eventhub.netguard import RefusedDestination
 from eventhub.settings import Settings
@@ -81,7 +81,8 @@ class ExportWorker:
             self._ensure(client)
         try:
             # cancelled at shutdown inside the generator's own wait, which ends it too
-            async for batch in self.log.hub.subscribe(after, EventFilter(prefix=model.PREFIX, types=["ExportRequested"])):
+            wanted = EventFilter(prefix=model.PREFIX, types=["ExportRequested"])
+            async for batch in self.log.hub.subscribe(after, wanted):
                 for event in batch:
                     entry = self.model.get(event.stream[len(model.PREFIX) :])
                     if entry is not None and entry.state != model.FINISHED:
@@ -135,7 +136,7 @@ class ExportWorker:
         step: model.ExportClaimed | model.ExportFinished,
         request: model.ExportRequested,
     ) -> None:
-        claimed = await claims.claim(self.log, entry.stream, expected, [model.to_event(step)])
+        claimed = await claims.claim(self.log, entry.stream, expected, [fact_event(step)])
         if claimed is None or isinstance(step, model.ExportFinished):
             return  # another node got there first (the loop looks again), or we gave up
         version = claimed[-1].version
@@ -156,7 +157,7 @@ class ExportWorker:
         pause = ERROR_PAUSE_SECONDS[0]
         while True:
             try:
-                await self.log.append(StreamAppend(entry.stream, [model.to_event(fact)], version))
+                await self.log.append(StreamAppend(entry.stream, [fact_event(fact)], version))
                 return
             except WrongExpectedVersion:
                 # our lease ran out mid-send and another node took the request over: its
@@ -182,7 +183,7 @@ class ExportWorker:
         """Shutting down mid-send: hand the claim back so the next node need not wait."""
         fact = model.interrupted(attempt, self.node, self.clock.now())
         try:
-            await asyncio.shield(self.log.append(StreamAppend(entry.stream, [model.to_event(fact)], version)))
+            await asyncio.shield(self.log.append(StreamAppend(entry.stream, [fact_event(fact)], version)))
         except Exception:
             log.warning("export %s: could not release the claim; it frees itself when the lease ends", entry.id)
 

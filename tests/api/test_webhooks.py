@@ -14,6 +14,7 @@ from api import channels, webhooks
 from api.app import create_app
 from api.keys import LOG
 from eventhub.settings import Settings
+from projections.webhooks import Webhook
 from tests.conftest import AppClient
 
 Client = TestClient[web.Request, web.Application]
@@ -113,7 +114,7 @@ async def until(client: Client, check: Any, timeout: float = 10) -> None:
             await hub.wait_change(None, None)
 
 
-def hook_of(client: Client, name: str = "hook") -> webhooks.Webhook:
+def hook_of(client: Client, name: str = "hook") -> Webhook:
     return client.app[webhooks.WEBHOOKS].model.webhooks[name]
 
 

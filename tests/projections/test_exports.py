@@ -6,7 +6,7 @@ import msgspec
 import pytest
 
 from eventhub.claims import Lease
-from eventhub.events import Event
+from eventhub.events import Event, fact_event
 from projections import exports as model
 from projections.exports import (
     ExportAttemptFailed,
@@ -35,7 +35,7 @@ class _Log:
         stream = model.stream_of(export_id)
         self.position += 1
         version = self.versions[stream] = self.versions.get(stream, -1) + 1
-        new = model.to_event(fact)
+        new = fact_event(fact)
         return Event(self.position, stream, version, new.type, new.data, new.meta, NOW, b"", b"", b"")
 
 

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from api.keys import LOG
 from eventhub.clock import ManualClock
-from eventhub.events import NO_STREAM, StreamAppend
+from eventhub.events import NO_STREAM, StreamAppend, fact_event
 from eventhub.settings import Settings
 from eventhub.store import store_from_url
 from projections import exports as model
@@ -46,7 +46,7 @@ async def _seed(settings: Settings, clock: ManualClock, facts: list[tuple[str, l
     await store.open()
     try:
         for export_id, stream_facts in facts:
-            await store.append(StreamAppend(model.stream_of(export_id), [model.to_event(f) for f in stream_facts], NO_STREAM))
+            await store.append(StreamAppend(model.stream_of(export_id), [fact_event(f) for f in stream_facts], NO_STREAM))
     finally:
         await store.close()
 
@@ -185,7 +185,7 @@ async def test_restart_with_work_in_flight_finishes_it(make_client: AppClient, r
 
 
 async def _events_of(closed: Client, export_id: str, make_client: AppClient) -> list[tuple[str, dict[str, Any]]]:
-    reader = await make_client()  # the log alone, no facet: nothing acts on the export
+    reader = await make_client(facets=())  # the log alone, no facet: nothing acts on the export
     return await _events(reader, export_id)
 
 
