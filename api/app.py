@@ -11,12 +11,13 @@ from aiohttp import web
 
 from types import ModuleType
 
-from api import channels, events, exports, specs
+from api import channels, events, exports, specs, webhooks
 from api.common import POSITION_HEADER, json_response
 from api.keys import CLOCK, HTTP, LOG, PROJECTIONS, SETTINGS, WORKERS
 from eventhub.clock import Clock, SystemClock
 from eventhub.errors import StoreCorrupt, StoreUnavailable
 from eventhub.log import EventLog
+from eventhub.projection import Projection
 from eventhub.netguard import GuardedResolver, OutboundGuard
 from eventhub.settings import Settings
 from eventhub.store import create_store
@@ -24,7 +25,7 @@ from eventhub.store import create_store
 log = logging.getLogger(__name__)
 
 # each facet module exposes setup(app): routes, its projection, its workers
-FACETS: tuple[ModuleType, ...] = (channels, exports, specs)
+FACETS: tuple[ModuleType, ...] = (channels, webhooks, exports, specs)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -51,9 +52,10 @@ def create_app(
 
 async def _open_log(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    projections: list[Projection] = app[PROJECTIONS]
     event_log = EventLog(
         create_store(settings, clock=app[CLOCK]),
-        app[PROJECTIONS],
+        projections,
         snapshot_every=settings.snapshot_every,
         window_events=settings.window_events,
         window_bytes=settings.window_bytes,
@@ -75,7 +77,7 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _run_workers(app: web.Application) -> AsyncIterator[None]:
-    tasks = [asyncio.create_task(factory(app), name=getattr(factory, "__qualname__", "worker")) for factory in app[WORKERS]]
+    tasks = [asyncio.create_task(factory(app), name=factory.__qualname__) for factory in app[WORKERS]]
     yield
     for task in tasks:
         task.cancel()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -12,7 +13,7 @@ from eventhub.log import EventLog
 from eventhub.projection import Projection
 from eventhub.settings import Settings
 
-WorkerFactory = Callable[[web.Application], Awaitable[None]]
+WorkerFactory = Callable[[web.Application], Coroutine[Any, Any, None]]
 
 SETTINGS = web.AppKey("settings", Settings)
 CLOCK = web.AppKey("clock", Clock)

@@ -54,7 +54,8 @@ def setup(app: web.Application) -> None:
     projection = Webhooks()
     app[WEBHOOKS] = projection
     settings = app[SETTINGS]
-    app[GUARD] = OutboundGuard(settings.webhook_allow or settings.export_allow)
+    allow_setting = "EVENTHUB_WEBHOOK_ALLOW" if settings.webhook_allow else "EVENTHUB_EXPORT_ALLOW"
+    app[GUARD] = OutboundGuard(settings.webhook_allow or settings.export_allow, allow_setting)
     app[PROJECTIONS].append(projection)
     app[WORKERS].append(workers.run)
     r = app.router

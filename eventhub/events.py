@@ -113,4 +113,4 @@ class FactCodec:
         decoder = self._decoders.get(event.type)
         if decoder is None or event.data is None:
             return None
-        return decoder.decode(event.data)  # type: ignore[no-any-return]
+        return decoder.decode(event.data)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 
 from eventhub.events import Event
 from eventhub.store.base import EventStore
@@ -175,7 +175,7 @@ class Hub:
             return None
         return self._window[after + 1 - self._window_start :]
 
-    async def subscribe(self, after: int = 0, filter: EventFilter | None = None, batch: int = 1000) -> AsyncIterator[list[Event]]:
+    async def subscribe(self, after: int = 0, filter: EventFilter | None = None, batch: int = 1000) -> AsyncGenerator[list[Event], None]:
         """Batches of matching events with position > `after`, catch-up then live, forever.
 
         No gap and no duplicate: the cursor is the last position examined, whether the

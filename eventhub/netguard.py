@@ -33,7 +33,8 @@ class RefusedDestination(ValueError):
 
 
 class OutboundGuard:
-    def __init__(self, allow: Iterable[str] = ()) -> None:
+    def __init__(self, allow: Iterable[str] = (), allow_setting: str = "EVENTHUB_EXPORT_ALLOW") -> None:
+        self.allow_setting = allow_setting
         self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         self.patterns: list[str] = []
         for item in allow:
@@ -69,7 +70,7 @@ class OutboundGuard:
         if address is not None:
             self.check_address(address)
         elif self.narrowed and not self._host_allowed(host) and not self.networks:
-            raise RefusedDestination(f"{host} is not in EVENTHUB_EXPORT_ALLOW")
+            raise RefusedDestination(f"{host} is not in {self.allow_setting}")
         return host
 
     def _host_allowed(self, host: str) -> bool:
@@ -89,7 +90,7 @@ class OutboundGuard:
             by_network = any(address in n for n in self.networks)
             by_name = host is not None and self._host_allowed(host)
             if not (by_network or by_name):
-                raise RefusedDestination(f"{host or address} is not in EVENTHUB_EXPORT_ALLOW")
+                raise RefusedDestination(f"{host or address} is not in {self.allow_setting}")
 
     async def check_resolved(self, url: str) -> None:
         """`check_url`, and every address the host resolves to."""

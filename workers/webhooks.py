@@ -265,6 +265,8 @@ class WebhookWorker:
             if version < await self._first_visible(hook, channel):
                 return  # expired or purged while waiting: skipped, never sent
             await self._hold_lease(name, rnd)
+            if not self._current(self.model.webhooks.get(name), rnd):
+                raise _RoundOver  # paused, moved or deleted while this item waited
             attempt = retry.attempts + 1 if retry is not None else 1
             url = hook.item_url(generation, version)
             reason = await self._post(rnd.config, url)

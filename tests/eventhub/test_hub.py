@@ -15,8 +15,8 @@ from eventhub.log import EventLog
 from eventhub.store.sqlite import SQLiteStore
 
 
-async def _open(path: Path, **kw: int) -> EventLog:
-    log = EventLog(SQLiteStore(str(path)), **kw)
+async def _open(path: Path, window_events: int = 10_000, window_bytes: int = 64 << 20) -> EventLog:
+    log = EventLog(SQLiteStore(str(path)), window_events=window_events, window_bytes=window_bytes)
     await log.open()
     return log
 
@@ -136,7 +136,7 @@ async def test_ten_thousand_idle_subscribers_stay_small(tmp_path: Path) -> None:
         tracemalloc.start()
         before = tracemalloc.get_traced_memory()[0]
         gens = [log.hub.subscribe(0, EventFilter(stream=f"c:{i % 100}")) for i in range(10_000)]
-        tasks = [asyncio.create_task(g.__anext__()) for g in gens]
+        tasks = [asyncio.ensure_future(g.__anext__()) for g in gens]
         await asyncio.sleep(0)
         used = tracemalloc.get_traced_memory()[0] - before
         tracemalloc.stop()

@@ -8,7 +8,7 @@ import msgspec
 import pytest
 
 from eventhub.claims import Lease
-from eventhub.events import Event
+from eventhub.events import Event, fact_event
 from projections.specs import (
     FAILED,
     INPROGRESS,
@@ -31,7 +31,6 @@ from projections.specs import (
     decide_scheduled_run,
     decide_upload,
     flow_state,
-    fact_event,
     next_due,
     parse_schedule,
     validate_spec,

@@ -12,9 +12,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from api import specs
 from api.keys import LOG, WORKERS
 from eventhub.clock import ManualClock
-from eventhub.events import StreamAppend
+from eventhub.events import StreamAppend, fact_event
 from eventhub.hub import EventFilter
-from projections.specs import DispatchClaimed, PipelineDispatchAttempted, decode_fact, fact_event
+from projections.specs import DispatchClaimed, PipelineDispatchAttempted, decode_fact
 from tests.api.test_specs import event, get, public_pem, rsa_key, spec, upload
 from tests.conftest import AppClient
 

@@ -353,3 +353,44 @@ async def test_a_recreated_channel_is_followed_from_its_first_item(make_client: 
     await until(client, lambda: (hook_of(client).generation, hook_of(client).cursor) == (generation, 0))
     body: dict[str, Any] = await (await client.get("/webhook/hook")).json()
     assert body["lastCompleted"] == new
+
+
+async def test_a_cursor_set_mid_call_is_not_overwritten(make_client: AppClient, receiver: Receiver) -> None:
+    client = await hub_app(make_client)
+    channel_url = await create_channel(client)
+    await put_webhook(client, callbackUrl=receiver.url, channelUrl=channel_url)
+    receiver.holding = True
+    items = [await insert(client) for _ in range(3)]
+    assert await receiver.next() == items[0]  # held by the receiver
+    resp = await client.put("/webhook/hook/updateCursor", data=items[2].encode(), headers={"Content-Type": "text/plain"})
+    assert resp.status == 202
+    receiver.holding = False
+    receiver.release(items[0])
+    last = await insert(client)
+    assert await receiver.next() == last  # the call in flight was dropped, nothing before the new cursor sent
+    await until(client, lambda: hook_of(client).cursor == 3)
+    moves = [json.loads(e.data or b"{}") for e in await client.app[LOG].store.read_stream(stream_of("hook"))
+             if e.type == "WebhookCursorMoved"]
+    assert [(m["reason"], m["version"]) for m in moves] == [("start", -1), ("set", 2), ("delivered", 3)]
+
+
+async def test_pausing_mid_retry_stops_attempts_and_resuming_continues_the_count(
+    make_client: AppClient, receiver: Receiver, clock: ManualClock
+) -> None:
+    client = await hub_app(make_client, webhook_backoff_seconds=10.0)
+    channel_url = await create_channel(client)
+    await put_webhook(client, callbackUrl=receiver.url, channelUrl=channel_url)
+    receiver.statuses = [500]
+    item = await insert(client)
+    assert await receiver.next() == item
+    await until(client, lambda: 0 in hook_of(client).retries)
+    await put_webhook(client, status=200, paused=True)
+    clock.advance(10)  # the retry is due, but the webhook is paused
+    await asyncio.sleep(0)  # let a (wrongly) woken retry run, if there were one
+    assert receiver.arrived.empty()
+    await put_webhook(client, status=200, paused=False)
+    assert await receiver.next() == item
+    await until(client, lambda: hook_of(client).cursor == 0)
+    assert len(receiver.calls) == 2
+    failures = [e for e in await client.app[LOG].store.read_stream(stream_of("hook")) if e.type == "WebhookDeliveryFailed"]
+    assert [json.loads(e.data or b"{}")["attempt"] for e in failures] == [1]
