@@ -104,7 +104,7 @@ def _describe(name: str, r: LoadResult, cpu: float) -> str:
 
 
 def run(seconds: float = 10.0, connections: int = 64, load: str | None = None, start_nats: bool = True,
-        profile: Path | None = None) -> list[Row]:
+        profile: Path | None = None, broker: bool = True) -> list[Row]:
     load = load or tool()
     body = body_of(200)
     warm = WARMUP_SECONDS if seconds >= 5 else 0.0  # short runs are smoke runs: no warm-up
@@ -152,10 +152,12 @@ def run(seconds: float = 10.0, connections: int = 64, load: str | None = None, s
     rows = [
         Row("durable HTTP insert rate", ours.rate, f"no-op aiohttp+msgspec POST ({load})", ceil.rate, "inserts/s", 0.5),
     ]
-    if ensure_nats(start_nats):
-        broker, published = asyncio.run(nats_publish_rate(body, seconds))
-        print(f"{'nats':<9} {broker:>10,.0f}/s  {published:>9,} acked publishes (JetStream, file storage, 64 in flight)")
-        rows.append(Row("HTTP insert vs a broker", ours.rate, "NATS JetStream publish, 64 in flight", broker, "inserts/s", 0.4))
+    if not broker:
+        print("the broker row is left out (--no-broker)")
+    elif ensure_nats(start_nats):
+        nats_rate, published = asyncio.run(nats_publish_rate(body, seconds))
+        print(f"{'nats':<9} {nats_rate:>10,.0f}/s  {published:>9,} acked publishes (JetStream, file storage, 64 in flight)")
+        rows.append(Row("HTTP insert vs a broker", ours.rate, "NATS JetStream publish, 64 in flight", nats_rate, "inserts/s", 0.4))
     else:
         print("NATS is not listening on 127.0.0.1:4222: the broker row is left out")
     return rows
@@ -167,10 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--load", choices=("wrk", "aiohttp"), help="load generator (default: wrk if installed)")
     parser.add_argument("--no-start-nats", action="store_true", help="leave NATS alone if it is down (skip its row)")
+    parser.add_argument("--no-broker", action="store_true", help="skip the NATS measurement")
     parser.add_argument("--profile", type=Path, help="record eventhub with py-spy into this folder")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/out/insert.json")
     args = parser.parse_args(argv)
-    rows = run(args.seconds, args.connections, args.load, not args.no_start_nats, args.profile)
+    rows = run(args.seconds, args.connections, args.load, not args.no_start_nats, args.profile, not args.no_broker)
     print_table("bench/insert.py: durable HTTP inserts", rows)
     if not args.no_save:
         save("insert", rows)

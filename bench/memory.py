@@ -45,22 +45,24 @@ class Memory:
         return (self.loaded_mb - self.idle_mb) * 1e3 / max(self.subscribers, 1)
 
 
-def rss_mb(pid: int, samples: int = 5) -> float:
+def rss_mb(pid: int, seconds: float, samples: int = 5) -> float:
+    """The median of `samples` RSS readings spread over `seconds`."""
     values = []
     for _ in range(samples):
         values.append(rss_bytes(pid) / 1e6)
-        time.sleep(1.0 / samples)
+        time.sleep(seconds / samples)
     return statistics.median(values)
 
 
 def measure(server: Server, subscribers: int, processes: int, folder: str) -> Memory:
-    time.sleep(SETTLE)
-    idle = rss_mb(server.pid)
+    settle = SETTLE if subscribers >= 1000 else 0.1  # small runs are smoke runs
+    time.sleep(settle)
+    idle = rss_mb(server.pid, settle)
     ws_url = f"ws://127.0.0.1:{server.port}/channel/{CHANNEL}/ws"
     with Pool(ws_url, processes, max(1, subscribers // processes)) as pool:
         size = pool.ready()
-        time.sleep(SETTLE)
-        loaded = rss_mb(server.pid)
+        time.sleep(settle)
+        loaded = rss_mb(server.pid, settle)
         pool.mark()
         asyncio.run(paced(f"{server.base}/channel/{CHANNEL}", 1.0, 1))
         got = pool.collect(1, 60.0, folder)

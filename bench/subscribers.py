@@ -283,6 +283,8 @@ class Pool:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 stop(proc, timeout=5)
+            if proc.stdout is not None:
+                proc.stdout.close()
 
 
 class Collected:

@@ -9,21 +9,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeAlias, TypeVar
 
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
-import msgspec
 
-from eventhub.chain import GENESIS, ChainVerifier, digest, encode_meta, event_hash
+from eventhub.chain import GENESIS, ChainVerifier
 from eventhub.clock import Clock, SystemClock
-from eventhub.errors import (
-    EventhubError,
-    IdempotencyConflict,
-    StoreClosed,
-    StoreCorrupt,
-    StoreFull,
-    StoreUnavailable,
-    WrongExpectedVersion,
-)
-from eventhub.events import ANY, NO_STREAM, STREAM_EXISTS, Event, StreamAppend
+from eventhub.errors import EventhubError, StoreClosed, StoreCorrupt, StoreFull, StoreUnavailable
+from eventhub.events import Event, StreamAppend
 from eventhub.store.base import EventStore, Snapshot
+from eventhub.store.batch import COLUMNS, AppendJob, OpJob, Row, decide, event_row, fail, resolve, row_event
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -86,9 +78,8 @@ _SCHEMA_LOCK = int.from_bytes(hashlib.sha256(b"eventhub:schema").digest()[:8], "
 _BEGIN_LOCKED = f"BEGIN ISOLATION LEVEL READ COMMITTED; SELECT pg_advisory_xact_lock({_APPEND_LOCK})"
 _LOCK = f"SELECT pg_advisory_xact_lock({_APPEND_LOCK})"
 _HEAD = "SELECT position, hash, recorded_at FROM events ORDER BY position DESC LIMIT 1"
-_COLUMNS = "position, stream, version, type, data, meta, recorded_at, digest, prev_hash, hash"
 _INSERT = (
-    f"INSERT INTO events ({_COLUMNS}) SELECT * FROM unnest("
+    f"INSERT INTO events ({COLUMNS}) SELECT * FROM unnest("
     "$1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::bytea[], "
     "$6::bytea[], $7::bigint[], $8::bytea[], $9::bytea[], $10::bytea[])"
 )
@@ -98,9 +89,6 @@ _MAX_BATCH_JOBS = 2000
 _VERSION_CACHE = 100_000
 _BACKOFF_MIN = 0.05
 _BACKOFF_MAX = 5.0
-
-_decode_meta = msgspec.json.Decoder(dict[str, str]).decode
-_fingerprint_encode = msgspec.msgpack.Encoder().encode
 
 Conn: TypeAlias = asyncpg.Connection
 Record: TypeAlias = asyncpg.Record
@@ -124,38 +112,6 @@ _CONNECTION_LOST = (
 _READ_ATTEMPTS = 3
 # Errors that one job of a batch can cause; the others are retried without it.
 _JOB_ERRORS = (asyncpg.IntegrityConstraintViolationError, asyncpg.exceptions.DataError)
-
-
-class _AppendJob:
-    __slots__ = ("appends", "key", "fingerprint", "future")
-
-    def __init__(self, appends: tuple[StreamAppend, ...], key: str | None, future: asyncio.Future[list[Event]]):
-        self.appends = appends
-        self.key = key
-        self.fingerprint = _fingerprint(appends) if key is not None else b""
-        self.future = future
-
-
-class _OpJob:
-    __slots__ = ("op", "future")
-
-    def __init__(self, op: Op, future: asyncio.Future[Any]):
-        self.op = op
-        self.future = future
-
-
-_Accepted = list[tuple[_AppendJob, list[Event]]]
-
-
-def _fingerprint(appends: tuple[StreamAppend, ...]) -> bytes:
-    return hashlib.sha256(
-        _fingerprint_encode(
-            [
-                (a.stream, a.expected, [(e.type, digest(e.data), encode_meta(e.meta)) for e in a.events])
-                for a in appends
-            ]
-        )
-    ).digest()
 
 
 def translate(exc: BaseException) -> EventhubError:
@@ -215,7 +171,7 @@ class PostgresStore(EventStore):
         self.listen_reconnects = 0
         self._conn: Conn | None = None
         self._pool: asyncpg.Pool | None = None
-        self._queue: asyncio.Queue[_AppendJob | _OpJob | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[AppendJob | OpJob[Any] | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         # The head as of this node's last commit; the version cache is valid only while
@@ -281,7 +237,7 @@ class PostgresStore(EventStore):
         while not self._queue.empty():
             job = self._queue.get_nowait()
             if job is not None and not job.future.done():
-                _fail(job.future, StoreClosed("store closed"))
+                fail(job.future, StoreClosed("store closed"))
         for task in (self._listen_task, self._dispatch_task):
             if task is not None:
                 task.cancel()
@@ -324,9 +280,9 @@ class PostgresStore(EventStore):
             # PostgreSQL text cannot hold NUL; refuse here rather than fail a whole batch.
             if "\x00" in a.stream or any("\x00" in e.type for e in a.events):
                 raise ValueError(f"stream names and event types must not contain NUL: {a.stream!r}")
-        future: asyncio.Future[list[Event]] = asyncio.get_running_loop().create_future()
-        self._submit(_AppendJob(appends, idempotency_key, future))
-        return await future
+        job = AppendJob(appends, idempotency_key)
+        self._submit(job)
+        return await job.future
 
     async def purge(self, positions: Sequence[int]) -> int:
         if not positions:
@@ -370,7 +326,7 @@ class PostgresStore(EventStore):
                 r = verifier.result
                 raise StoreCorrupt(f"imported event does not continue the log at {r.broken_at}: {r.reason}", r.broken_at)
             try:
-                await conn.execute(_INSERT, *_columns(batch))
+                await conn.execute(_INSERT, *_columns([event_row(e) for e in batch]))
             except asyncpg.IntegrityConstraintViolationError as exc:
                 raise StoreCorrupt(f"imported events collide with stored ones: {exc}") from exc
             # Other nodes (and this one's head listeners) learn of the import like of a commit.
@@ -379,11 +335,11 @@ class PostgresStore(EventStore):
         await self._run_op(op)
 
     async def _run_op(self, op: Op) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._submit(_OpJob(op, future))
-        return await future
+        job: OpJob[Any] = OpJob(op)
+        self._submit(job)
+        return await job.future
 
-    def _submit(self, job: _AppendJob | _OpJob) -> None:
+    def _submit(self, job: AppendJob | OpJob[Any]) -> None:
         if self._task is None or self._closing:
             raise StoreClosed("store is not open")
         self._queue.put_nowait(job)
@@ -400,19 +356,19 @@ class PostgresStore(EventStore):
         self._versions.clear()
 
     async def _run_writer(self) -> None:
-        pending: _AppendJob | _OpJob | None = None
+        pending: AppendJob | OpJob[Any] | None = None
         while True:
             job = pending if pending is not None else await self._queue.get()
             pending = None
             if job is None:
                 return
-            if isinstance(job, _OpJob):
+            if isinstance(job, OpJob):
                 await self._run_op_job(job)
                 continue
             batch = [job]
             while len(batch) < _MAX_BATCH_JOBS and not self._queue.empty():
                 nxt = self._queue.get_nowait()
-                if not isinstance(nxt, _AppendJob):
+                if not isinstance(nxt, AppendJob):
                     pending = nxt
                     break
                 batch.append(nxt)
@@ -421,11 +377,11 @@ class PostgresStore(EventStore):
             except Exception as exc:  # the writer must outlive any one batch
                 log.exception("writer failed a batch")
                 for j in batch:
-                    _fail(j.future, exc)
+                    fail(j.future, exc)
             if pending is None and self._closing and self._queue.empty():
                 return
 
-    async def _run_op_job(self, job: _OpJob) -> None:
+    async def _run_op_job(self, job: OpJob[Any]) -> None:
         try:
             conn = await self._writer_conn()
             await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
@@ -437,12 +393,12 @@ class PostgresStore(EventStore):
                 raise
         except _DRIVER_ERRORS as exc:
             self._forget()
-            _fail(job.future, translate(exc))
+            fail(job.future, translate(exc))
         except Exception as exc:
             self._forget()
-            _fail(job.future, exc)
+            fail(job.future, exc)
         else:
-            _resolve(job.future, result)
+            resolve(job.future, result)
 
     async def _rollback(self, conn: Conn) -> None:
         if conn.is_closed():
@@ -456,14 +412,14 @@ class PostgresStore(EventStore):
             conn.terminate()
             self._conn = None
 
-    async def _commit(self, batch: list[_AppendJob]) -> None:
+    async def _commit(self, batch: list[AppendJob]) -> None:
         """Commit a batch in one transaction; answer every job of it."""
         try:
             conn = await self._writer_conn()
         except _DRIVER_ERRORS as exc:
             err = translate(exc)
             for job in batch:
-                _fail(job.future, err)
+                fail(job.future, err)
             return
         committed: list[Event] = []
         try:
@@ -472,15 +428,17 @@ class PostgresStore(EventStore):
             head, last_hash, last_recorded = (row[0], row[1], row[2]) if row else (0, GENESIS, 0)
             if head != self._head:
                 self._versions.clear()  # another node (or an import) wrote since our last commit
-            accepted, replays, versions = await self._decide(conn, batch, head, last_hash, last_recorded)
-            committed = [ev for _, evs in accepted for ev in evs]
+            versions = await self._stream_versions(conn, {a.stream for job in batch for a in job.appends})
+            known_keys = await self._known_keys(conn, [job.key for job in batch if job.key])
+            decision = decide(batch, versions, known_keys, head, last_hash, max(self.clock.now(), last_recorded))
+            for job, first, last in decision.stored_replays:
+                decision.replays.append((job, await self._read_range(conn, first, last)))
+            committed = decision.events
             if committed:
-                await conn.execute(_INSERT, *_columns(committed))
-                # As on SQLite, a keyed call without events writes nothing, not even its key.
-                keyed = [(job.key, job.fingerprint, evs[0].position, evs[-1].position) for job, evs in accepted if job.key and evs]
-                if keyed:
+                await conn.execute(_INSERT, *_columns(decision.rows))
+                if decision.keys:
                     await conn.executemany(
-                        "INSERT INTO idempotency (key, fingerprint, first, last) VALUES ($1, $2, $3, $4)", keyed
+                        "INSERT INTO idempotency (key, fingerprint, first, last) VALUES ($1, $2, $3, $4)", decision.keys
                     )
                 # Delivered to every listening session at commit, in commit order. The
                 # payload is the head only: NOTIFY payloads are capped at 8000 bytes, and
@@ -502,7 +460,7 @@ class PostgresStore(EventStore):
                 return
             err = translate(exc)
             for job in batch:
-                _fail(job.future, err)
+                fail(job.future, err)
             return
         except BaseException:
             self._quiet.set()
@@ -511,16 +469,12 @@ class PostgresStore(EventStore):
             raise
         try:
             if committed:
-                last = committed[-1]
-                self._head = last.position
-                self._remember_versions(versions)
+                self._head = committed[-1].position
+                self._remember_versions(decision.versions)
                 await self._announce_commit(committed)
         finally:
             self._quiet.set()
-        for job, evs in accepted:
-            _resolve(job.future, evs)
-        for job, evs in replays:
-            _resolve(job.future, evs)
+        decision.answer()
 
     async def _announce_commit(self, committed: list[Event]) -> None:
         async with self._announce_lock:
@@ -538,62 +492,6 @@ class PostgresStore(EventStore):
                 await self._notify_commit(committed)
             except Exception:  # the commit is durable; a listener's failure is not the caller's
                 log.exception("commit listener failed at position %d", committed[-1].position)
-
-    async def _decide(
-        self, conn: Conn, batch: list[_AppendJob], head: int, prev_hash: bytes, last_recorded: int
-    ) -> tuple[_Accepted, _Accepted, dict[str, int]]:
-        """Check versions and idempotency keys; build the events of the accepted jobs.
-
-        Conflicting jobs are answered here with their error; they do not reach the batch.
-        Also returns the stream versions as they will be once the batch commits.
-        """
-        versions = await self._stream_versions(conn, {a.stream for job in batch for a in job.appends})
-        known_keys = await self._known_keys(conn, [job.key for job in batch if job.key])
-        batch_keys: dict[str, tuple[_AppendJob, list[Event]]] = {}
-        accepted: _Accepted = []
-        replays: _Accepted = []
-        position = head
-        now = max(self.clock.now(), last_recorded)
-        for job in batch:
-            if job.key:
-                if job.key in known_keys:
-                    fingerprint, first, last = known_keys[job.key]
-                    if fingerprint != job.fingerprint:
-                        _fail(job.future, IdempotencyConflict(job.key))
-                    else:
-                        replays.append((job, await self._read_range(conn, first, last)))
-                    continue
-                if job.key in batch_keys:
-                    original, evs = batch_keys[job.key]
-                    if original.fingerprint != job.fingerprint:
-                        _fail(job.future, IdempotencyConflict(job.key))
-                    else:
-                        replays.append((job, evs))
-                    continue
-            error = None
-            for a in job.appends:
-                actual = versions.get(a.stream, -1)
-                if not _matches(a.expected, actual):
-                    error = WrongExpectedVersion(a.stream, a.expected, actual)
-                    break
-            if error is not None:
-                _fail(job.future, error)
-                continue
-            events: list[Event] = []
-            for a in job.appends:
-                version = versions.get(a.stream, -1)
-                for new in a.events:
-                    position += 1
-                    version += 1
-                    d = hashlib.sha256(new.data).digest()
-                    h = event_hash(prev_hash, position, a.stream, version, new.type, encode_meta(new.meta), now, d)
-                    events.append(Event(position, a.stream, version, new.type, new.data, new.meta, now, d, prev_hash, h))
-                    prev_hash = h
-                versions[a.stream] = version
-            if job.key:
-                batch_keys[job.key] = (job, events)
-            accepted.append((job, events))
-        return accepted, replays, versions
 
     async def _stream_versions(self, conn: Conn, streams: set[str]) -> dict[str, int]:
         versions = {s: self._versions[s] for s in streams if s in self._versions}
@@ -617,8 +515,8 @@ class PostgresStore(EventStore):
         return {key: (fingerprint, first, last) for key, fingerprint, first, last in rows}
 
     async def _read_range(self, conn: Conn, first: int, last: int) -> list[Event]:
-        rows = await conn.fetch(f"SELECT {_COLUMNS} FROM events WHERE position BETWEEN $1 AND $2 ORDER BY position", first, last)
-        return [_row_event(r, True) for r in rows]
+        rows = await conn.fetch(f"SELECT {COLUMNS} FROM events WHERE position BETWEEN $1 AND $2 ORDER BY position", first, last)
+        return [row_event(r, True) for r in rows]
 
     # -- hearing other nodes ----------------------------------------------------------
 
@@ -727,7 +625,7 @@ class PostgresStore(EventStore):
         raise AssertionError("unreachable")
 
     async def _query(self, sql: str, *args: Any, check: bool = True) -> list[Event]:
-        return [_row_event(r, check) for r in await self._fetch(sql, *args)]
+        return [row_event(r, check) for r in await self._fetch(sql, *args)]
 
     async def read_all(
         self,
@@ -755,7 +653,7 @@ class PostgresStore(EventStore):
             where.append(f"starts_with(stream, {param(stream_prefix)})")
         if types:
             where.append(f"type = ANY({param(list(types), '::text[]')})")
-        sql = f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY position LIMIT {param(limit)}"
+        sql = f"SELECT {COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY position LIMIT {param(limit)}"
         return await self._query(sql, *params, check=check)
 
     async def read_stream(
@@ -763,15 +661,15 @@ class PostgresStore(EventStore):
     ) -> list[Event]:
         if backward:
             if from_version < 0:
-                sql = f"SELECT {_COLUMNS} FROM events WHERE stream = $1 ORDER BY version DESC LIMIT $2"
+                sql = f"SELECT {COLUMNS} FROM events WHERE stream = $1 ORDER BY version DESC LIMIT $2"
                 return await self._query(sql, stream, limit)
-            sql = f"SELECT {_COLUMNS} FROM events WHERE stream = $1 AND version <= $2 ORDER BY version DESC LIMIT $3"
+            sql = f"SELECT {COLUMNS} FROM events WHERE stream = $1 AND version <= $2 ORDER BY version DESC LIMIT $3"
         else:
-            sql = f"SELECT {_COLUMNS} FROM events WHERE stream = $1 AND version >= $2 ORDER BY version LIMIT $3"
+            sql = f"SELECT {COLUMNS} FROM events WHERE stream = $1 AND version >= $2 ORDER BY version LIMIT $3"
         return await self._query(sql, stream, from_version, limit)
 
     async def read_event(self, position: int) -> Event | None:
-        events = await self._query(f"SELECT {_COLUMNS} FROM events WHERE position = $1", position)
+        events = await self._query(f"SELECT {COLUMNS} FROM events WHERE position = $1", position)
         return events[0] if events else None
 
     async def head(self) -> int:
@@ -784,7 +682,7 @@ class PostgresStore(EventStore):
 
     async def first_at_or_after(self, stream: str, recorded_at: int) -> Event | None:
         events = await self._query(
-            f"SELECT {_COLUMNS} FROM events WHERE stream = $1 AND recorded_at >= $2 "
+            f"SELECT {COLUMNS} FROM events WHERE stream = $1 AND recorded_at >= $2 "
             "ORDER BY recorded_at, version LIMIT 1",
             stream,
             recorded_at,
@@ -793,7 +691,7 @@ class PostgresStore(EventStore):
 
     async def last_before(self, stream: str, recorded_at: int) -> Event | None:
         events = await self._query(
-            f"SELECT {_COLUMNS} FROM events WHERE stream = $1 AND recorded_at < $2 "
+            f"SELECT {COLUMNS} FROM events WHERE stream = $1 AND recorded_at < $2 "
             "ORDER BY recorded_at DESC, version DESC LIMIT 1",
             stream,
             recorded_at,
@@ -808,51 +706,6 @@ class PostgresStore(EventStore):
 _SERVER_SETTINGS = {"application_name": "eventhub", "jit": "off"}
 
 
-def _columns(events: Sequence[Event]) -> list[list[Any]]:
-    """The events as the ten column arrays `_INSERT` unnests."""
-    return [
-        [e.position for e in events],
-        [e.stream for e in events],
-        [e.version for e in events],
-        [e.type for e in events],
-        [e.data for e in events],
-        [encode_meta(e.meta) for e in events],
-        [e.recorded_at for e in events],
-        [e.digest for e in events],
-        [e.prev_hash for e in events],
-        [e.hash for e in events],
-    ]
-
-
-def _resolve(future: asyncio.Future[Any], result: Any) -> None:
-    if not future.done():  # a caller that gave up (cancelled) is not answered
-        future.set_result(result)
-
-
-def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)
-
-
-def _matches(expected: int, actual: int) -> bool:
-    if expected == ANY:
-        return True
-    if expected == STREAM_EXISTS:
-        return actual >= 0
-    if expected == NO_STREAM:
-        return actual == -1
-    return expected == actual
-
-
-def _row_event(row: Any, check: bool) -> Event:
-    position, stream, version, type_, data, meta_bytes, recorded_at, d, prev_hash, h = row
-    if check:
-        if data is not None and hashlib.sha256(data).digest() != d:
-            raise StoreCorrupt(f"event at position {position} is corrupt: data does not match its digest", position)
-        if event_hash(prev_hash, position, stream, version, type_, meta_bytes, recorded_at, d) != h:
-            raise StoreCorrupt(f"event at position {position} is corrupt: hash does not match its fields", position)
-    try:
-        meta = _decode_meta(meta_bytes)
-    except (msgspec.DecodeError, TypeError):
-        raise StoreCorrupt(f"event at position {position} is corrupt: unreadable meta", position) from None
-    return Event(position, stream, version, type_, data, meta, recorded_at, d, prev_hash, h)
+def _columns(rows: list[Row]) -> list[list[Any]]:
+    """Rows as the ten column arrays `_INSERT` unnests."""
+    return [list(column) for column in zip(*rows)]

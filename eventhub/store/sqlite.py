@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import sqlite3
@@ -11,22 +10,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import aiosqlite
-import msgspec
 
-from eventhub.chain import GENESIS, digest, encode_meta, event_hash
-from eventhub.chain import hash_encode as _hash_encode
+from eventhub.chain import GENESIS, ChainVerifier
 from eventhub.clock import Clock, SystemClock
-from eventhub.errors import (
-    EventhubError,
-    IdempotencyConflict,
-    StoreClosed,
-    StoreCorrupt,
-    StoreFull,
-    StoreUnavailable,
-    WrongExpectedVersion,
-)
-from eventhub.events import ANY, NO_STREAM, STREAM_EXISTS, Event, StreamAppend
+from eventhub.errors import EventhubError, StoreClosed, StoreCorrupt, StoreFull, StoreUnavailable
+from eventhub.events import Event, StreamAppend
 from eventhub.store.base import EventStore, Snapshot
+from eventhub.store.batch import COLUMNS, AppendJob, OpJob, chunks, decide, event_row, fail, resolve, row_event
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -59,43 +49,9 @@ CREATE TABLE IF NOT EXISTS snapshots (
     state    BLOB    NOT NULL
 );
 """
-_COLUMNS = "position, stream, version, type, data, meta, recorded_at, digest, prev_hash, hash"
-_INSERT = f"INSERT INTO events ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)"
+_INSERT = f"INSERT INTO events ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)"
 _MAX_BATCH_JOBS = 2000
 _VERSION_CACHE = 100_000
-
-_decode_meta = msgspec.json.Decoder(dict[str, str]).decode
-_fingerprint_encode = msgspec.msgpack.Encoder().encode
-
-
-class _AppendJob:
-    __slots__ = ("appends", "key", "fingerprint", "future")
-
-    def __init__(self, appends: tuple[StreamAppend, ...], key: str | None, future: asyncio.Future[list[Event]]):
-        self.appends = appends
-        self.key = key
-        self.fingerprint = _fingerprint(appends) if key is not None else b""
-        self.future = future
-
-
-class _OpJob:
-    __slots__ = ("op", "future")
-
-    def __init__(self, op: Callable[[], Awaitable[Any]], future: asyncio.Future[Any]):
-        self.op = op
-        self.future = future
-
-
-def _fingerprint(appends: tuple[StreamAppend, ...]) -> bytes:
-    return hashlib.sha256(
-        _fingerprint_encode(
-            [
-                (a.stream, a.expected, [(e.type, digest(e.data), encode_meta(e.meta)) for e in a.events])
-                for a in appends
-            ]
-        )
-    ).digest()
-
 
 def translate(exc: BaseException) -> EventhubError:
     """The store error for a sqlite3 error, with a one-line message."""
@@ -127,7 +83,7 @@ class SQLiteStore(EventStore):
         self.busy_timeout_ms = busy_timeout_ms
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
-        self._queue: asyncio.Queue[_AppendJob | _OpJob | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[AppendJob | OpJob[Any] | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._head = 0
@@ -185,7 +141,7 @@ class SQLiteStore(EventStore):
         while not self._queue.empty():
             job = self._queue.get_nowait()
             if job is not None and not job.future.done():
-                _fail(job.future, StoreClosed("store closed"))
+                fail(job.future, StoreClosed("store closed"))
         await self._close_connections()
 
     async def _close_connections(self) -> None:
@@ -212,9 +168,9 @@ class SQLiteStore(EventStore):
             return []
         if len({a.stream for a in appends}) != len(appends):
             raise ValueError("a stream may appear only once per append call")
-        future: asyncio.Future[list[Event]] = asyncio.get_running_loop().create_future()
-        self._submit(_AppendJob(appends, idempotency_key, future))
-        return await future
+        job = AppendJob(appends, idempotency_key)
+        self._submit(job)
+        return await job.future
 
     async def purge(self, positions: Sequence[int]) -> int:
         if not positions:
@@ -223,7 +179,7 @@ class SQLiteStore(EventStore):
         async def op() -> int:
             assert self._writer is not None
             total = 0
-            for chunk in _chunks(list(positions), 500):
+            for chunk in chunks(list(positions), 500):
                 marks = ",".join("?" * len(chunk))
                 cur = await self._writer.execute(
                     f"UPDATE events SET data = NULL WHERE position IN ({marks}) AND data IS NOT NULL", chunk
@@ -244,8 +200,6 @@ class SQLiteStore(EventStore):
         await self._run_op(op)
 
     async def import_events(self, events: Sequence[Event]) -> None:
-        from eventhub.chain import ChainVerifier
-
         batch = list(events)
         if not batch:
             return
@@ -261,12 +215,8 @@ class SQLiteStore(EventStore):
             if not verifier.feed(batch):
                 r = verifier.result
                 raise StoreCorrupt(f"imported event does not continue the log at {r.broken_at}: {r.reason}", r.broken_at)
-            rows = [
-                (e.position, e.stream, e.version, e.type, e.data, encode_meta(e.meta), e.recorded_at, e.digest, e.prev_hash, e.hash)
-                for e in batch
-            ]
             try:
-                await self._writer.executemany(_INSERT, rows)
+                await self._writer.executemany(_INSERT, [event_row(e) for e in batch])
             except sqlite3.IntegrityError as exc:
                 raise StoreCorrupt(f"imported events collide with stored ones: {exc}") from exc
 
@@ -275,29 +225,29 @@ class SQLiteStore(EventStore):
         await self._run_op(self._reload_head)
 
     async def _run_op(self, op: Callable[[], Awaitable[T]]) -> T:
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._submit(_OpJob(op, future))
-        return await future
+        job = OpJob(op)
+        self._submit(job)
+        return await job.future
 
-    def _submit(self, job: _AppendJob | _OpJob) -> None:
+    def _submit(self, job: AppendJob | OpJob[Any]) -> None:
         if self._task is None or self._closing:
             raise StoreClosed("store is not open")
         self._queue.put_nowait(job)
 
     async def _run_writer(self) -> None:
-        pending: _AppendJob | _OpJob | None = None
+        pending: AppendJob | OpJob[Any] | None = None
         while True:
             job = pending if pending is not None else await self._queue.get()
             pending = None
             if job is None:
                 return
-            if isinstance(job, _OpJob):
+            if isinstance(job, OpJob):
                 await self._run_op_job(job)
                 continue
             batch = [job]
             while len(batch) < _MAX_BATCH_JOBS and not self._queue.empty():
                 nxt = self._queue.get_nowait()
-                if not isinstance(nxt, _AppendJob):
+                if not isinstance(nxt, AppendJob):
                     pending = nxt
                     break
                 batch.append(nxt)
@@ -307,11 +257,11 @@ class SQLiteStore(EventStore):
                 log.exception("writer failed a batch")
                 for j in batch:
                     if not j.future.done():
-                        _fail(j.future, exc)
+                        fail(j.future, exc)
             if pending is None and self._closing and self._queue.empty():
                 return
 
-    async def _run_op_job(self, job: _OpJob) -> None:
+    async def _run_op_job(self, job: OpJob[Any]) -> None:
         assert self._writer is not None
         try:
             try:
@@ -321,11 +271,11 @@ class SQLiteStore(EventStore):
                 await self._rollback()
                 raise
         except sqlite3.Error as exc:
-            _fail(job.future, translate(exc))
+            fail(job.future, translate(exc))
         except Exception as exc:
-            _fail(job.future, exc)
+            fail(job.future, exc)
         else:
-            _resolve(job.future, result)
+            resolve(job.future, result)
 
     async def _rollback(self) -> None:
         assert self._writer is not None
@@ -334,143 +284,59 @@ class SQLiteStore(EventStore):
         except sqlite3.Error:
             pass  # no transaction left to roll back (SQLite may have rolled back itself)
 
-    async def _commit(self, batch: list[_AppendJob], retry: bool = True) -> None:
-        """Commit a batch in one transaction; answer every job of it.
+    async def _commit(self, batch: list[AppendJob], retry: bool = True) -> None:
+        """Commit a batch in one transaction; answer every job of it once it is durable.
 
         Head, last hash and stream versions come from this writer's cache, not from a
         query: the unique keys on position and (stream, version) turn a stale cache
         (another process wrote) into an IntegrityError, after which the cache is
-        reloaded and the jobs are retried one by one.
+        reloaded and the jobs are decided again one by one.
         """
         assert self._writer is not None
         conn = self._writer
         try:
-            if not retry:
-                # Retrying after a collision: decide under the write lock this time, or
-                # another process can commit between the reads and the insert again.
-                await conn.execute("BEGIN IMMEDIATE")
-                await self._reload_head()
-            accepted, replays, refused = await self._decide(batch)
-            rows = [row for _, _, job_rows in accepted for row in job_rows]
-            if rows:
-                await conn.executemany(_INSERT, rows)
-                keyed = [(job.key, job.fingerprint, evs[0].position, evs[-1].position) for job, evs, _ in accepted if job.key and evs]
-                if keyed:
-                    await conn.executemany("INSERT INTO idempotency (key, fingerprint, first, last) VALUES (?,?,?,?)", keyed)
+            versions = await self._stream_versions({a.stream for job in batch for a in job.appends})
+            known_keys = await self._known_keys([job.key for job in batch if job.key])
+            now = max(self.clock.now(), self._last_recorded)
+            decision = decide(batch, versions, known_keys, self._head, self._last_hash, now)
+            for job, first, last in decision.stored_replays:
+                decision.replays.append((job, await self._read_range(first, last)))
+            if decision.rows:
+                await conn.executemany(_INSERT, decision.rows)
+                if decision.keys:
+                    await conn.executemany("INSERT INTO idempotency (key, fingerprint, first, last) VALUES (?,?,?,?)", decision.keys)
                 await conn.commit()
-            elif conn.in_transaction:
-                await conn.rollback()
         except sqlite3.Error as exc:
             await self._rollback()
             await self._reload_head()
             if isinstance(exc, sqlite3.IntegrityError) and retry:
-                # Another process wrote, or one job collided: decide again, job by job.
                 for job in batch:
                     await self._commit([job], retry=False)
                 return
             err = translate(exc)
             for job in batch:
-                if not job.future.done():
-                    _fail(job.future, err)
+                fail(job.future, err)
             return
         except BaseException:
             await self._rollback()
             await self._reload_head()
             raise
-        committed = [ev for _, evs, _ in accepted for ev in evs]
+        committed = decision.events
         if committed:
-            last = committed[-1]
-            self._head, self._last_hash, self._last_recorded = last.position, last.hash, last.recorded_at
+            last_event = committed[-1]
+            self._head, self._last_hash, self._last_recorded = last_event.position, last_event.hash, last_event.recorded_at
+            self._remember_versions(decision.versions)
             try:
                 await self._notify_commit(committed)
             except Exception:  # the commit is durable; a listener's failure is not the caller's
-                log.exception("commit listener failed at position %d", last.position)
-        for job, evs, _ in accepted:
-            _resolve(job.future, evs)
-        for job, error in refused:
-            _fail(job.future, error)
-        for job, evs in replays:
-            if not job.future.done():
-                _resolve(job.future, evs)
-
-    async def _decide(
-        self, batch: list[_AppendJob]
-    ) -> tuple[
-        list[tuple[_AppendJob, list[Event], list[tuple[Any, ...]]]],
-        list[tuple[_AppendJob, list[Event]]],
-        list[tuple[_AppendJob, EventhubError]],
-    ]:
-        """Check versions and idempotency keys; build the rows of the accepted jobs.
-
-        Returns the accepted jobs with their events and rows, the idempotent replays, and
-        the refused jobs with their error; all are answered once the batch commits.
-        """
-        versions = await self._stream_versions({a.stream for job in batch for a in job.appends})
-        known_keys = await self._known_keys([job.key for job in batch if job.key])
-        batch_keys: dict[str, tuple[_AppendJob, list[Event]]] = {}
-        accepted: list[tuple[_AppendJob, list[Event], list[tuple[Any, ...]]]] = []
-        replays: list[tuple[_AppendJob, list[Event]]] = []
-        refused: list[tuple[_AppendJob, EventhubError]] = []
-        position, prev_hash = self._head, self._last_hash
-        now = max(self.clock.now(), self._last_recorded)
-        sha256 = hashlib.sha256
-        # metas are often one shared dict per batch; ids are stable while the batch lives
-        meta_cache: dict[int, bytes] = {}
-        for job in batch:
-            if job.key:
-                if job.key in known_keys:
-                    fingerprint, first, last = known_keys[job.key]
-                    if fingerprint != job.fingerprint:
-                        refused.append((job, IdempotencyConflict(job.key)))
-                    else:
-                        replays.append((job, await self._read_range(first, last)))
-                    continue
-                if job.key in batch_keys:
-                    original, evs = batch_keys[job.key]
-                    if original.fingerprint != job.fingerprint:
-                        refused.append((job, IdempotencyConflict(job.key)))
-                    else:
-                        replays.append((job, evs))
-                    continue
-            error: EventhubError | None = None
-            for a in job.appends:
-                actual = versions.get(a.stream, -1)
-                if not _matches(a.expected, actual):
-                    error = WrongExpectedVersion(a.stream, a.expected, actual)
-                    break
-            if error is not None:
-                refused.append((job, error))
-                continue
-            events: list[Event] = []
-            rows: list[tuple[Any, ...]] = []
-            for a in job.appends:
-                stream = a.stream
-                version = versions.get(stream, -1)
-                for new in a.events:
-                    # the hot loop of every append: what chain.event_hash does, inlined
-                    position += 1
-                    version += 1
-                    data, meta, type_ = new.data, new.meta, new.type
-                    meta_bytes = meta_cache.get(id(meta))
-                    if meta_bytes is None:
-                        meta_bytes = meta_cache[id(meta)] = encode_meta(meta)
-                    d = sha256(data).digest()
-                    h = sha256(_hash_encode((prev_hash, position, stream, version, type_, meta_bytes, now, d))).digest()
-                    rows.append((position, stream, version, type_, data, meta_bytes, now, d, prev_hash, h))
-                    events.append(Event(position, stream, version, type_, data, meta, now, d, prev_hash, h))
-                    prev_hash = h
-                versions[stream] = version
-            if job.key:
-                batch_keys[job.key] = (job, events)
-            accepted.append((job, events, rows))
-        self._remember_versions(versions)
-        return accepted, replays, refused
+                log.exception("commit listener failed at position %d", last_event.position)
+        decision.answer()
 
     async def _stream_versions(self, streams: set[str]) -> dict[str, int]:
         assert self._writer is not None
         versions = {s: self._versions[s] for s in streams if s in self._versions}
         missing = [s for s in streams if s not in versions]
-        for chunk in _chunks(missing, 500):
+        for chunk in chunks(missing, 500):
             marks = ",".join("?" * len(chunk))
             async with self._writer.execute(
                 f"SELECT stream, MAX(version) FROM events WHERE stream IN ({marks}) GROUP BY stream", chunk
@@ -480,7 +346,6 @@ class SQLiteStore(EventStore):
         return versions
 
     def _remember_versions(self, versions: dict[str, int]) -> None:
-        # Cached tentatively; a failed commit reloads and clears the cache.
         if len(self._versions) > _VERSION_CACHE:
             self._versions.clear()
         self._versions.update(versions)
@@ -488,7 +353,7 @@ class SQLiteStore(EventStore):
     async def _known_keys(self, keys: list[str]) -> dict[str, tuple[bytes, int, int]]:
         assert self._writer is not None
         known: dict[str, tuple[bytes, int, int]] = {}
-        for chunk in _chunks(keys, 500):
+        for chunk in chunks(keys, 500):
             marks = ",".join("?" * len(chunk))
             async with self._writer.execute(
                 f"SELECT key, fingerprint, first, last FROM idempotency WHERE key IN ({marks})", chunk
@@ -500,9 +365,9 @@ class SQLiteStore(EventStore):
     async def _read_range(self, first: int, last: int) -> list[Event]:
         assert self._writer is not None
         async with self._writer.execute(
-            f"SELECT {_COLUMNS} FROM events WHERE position BETWEEN ? AND ? ORDER BY position", (first, last)
+            f"SELECT {COLUMNS} FROM events WHERE position BETWEEN ? AND ? ORDER BY position", (first, last)
         ) as cur:
-            return [_row_event(r, True) for r in await cur.fetchall()]
+            return [row_event(r, True) for r in await cur.fetchall()]
 
     # -- reading ----------------------------------------------------------------------
 
@@ -515,7 +380,7 @@ class SQLiteStore(EventStore):
             rows = await self._reader.execute_fetchall(sql, params)
         except sqlite3.Error as exc:
             raise translate(exc) from exc
-        return [_row_event(r, check) for r in rows]
+        return [row_event(r, check) for r in rows]
 
     async def read_all(
         self,
@@ -543,7 +408,7 @@ class SQLiteStore(EventStore):
             where.append(f"type IN ({','.join('?' * len(types))})")
             params += list(types)
         params.append(limit)
-        sql = f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY position LIMIT ?"
+        sql = f"SELECT {COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY position LIMIT ?"
         return await self._query(sql, params, check)
 
     async def read_stream(
@@ -551,15 +416,15 @@ class SQLiteStore(EventStore):
     ) -> list[Event]:
         if backward:
             if from_version < 0:
-                sql = f"SELECT {_COLUMNS} FROM events WHERE stream = ? ORDER BY version DESC LIMIT ?"
+                sql = f"SELECT {COLUMNS} FROM events WHERE stream = ? ORDER BY version DESC LIMIT ?"
                 return await self._query(sql, (stream, limit))
-            sql = f"SELECT {_COLUMNS} FROM events WHERE stream = ? AND version <= ? ORDER BY version DESC LIMIT ?"
+            sql = f"SELECT {COLUMNS} FROM events WHERE stream = ? AND version <= ? ORDER BY version DESC LIMIT ?"
         else:
-            sql = f"SELECT {_COLUMNS} FROM events WHERE stream = ? AND version >= ? ORDER BY version LIMIT ?"
+            sql = f"SELECT {COLUMNS} FROM events WHERE stream = ? AND version >= ? ORDER BY version LIMIT ?"
         return await self._query(sql, (stream, from_version, limit))
 
     async def read_event(self, position: int) -> Event | None:
-        events = await self._query(f"SELECT {_COLUMNS} FROM events WHERE position = ?", (position,))
+        events = await self._query(f"SELECT {COLUMNS} FROM events WHERE position = ?", (position,))
         return events[0] if events else None
 
     async def head(self) -> int:
@@ -582,7 +447,7 @@ class SQLiteStore(EventStore):
 
     async def first_at_or_after(self, stream: str, recorded_at: int) -> Event | None:
         events = await self._query(
-            f"SELECT {_COLUMNS} FROM events WHERE stream = ? AND recorded_at >= ? "
+            f"SELECT {COLUMNS} FROM events WHERE stream = ? AND recorded_at >= ? "
             "ORDER BY recorded_at, version LIMIT 1",
             (stream, recorded_at),
         )
@@ -590,7 +455,7 @@ class SQLiteStore(EventStore):
 
     async def last_before(self, stream: str, recorded_at: int) -> Event | None:
         events = await self._query(
-            f"SELECT {_COLUMNS} FROM events WHERE stream = ? AND recorded_at < ? "
+            f"SELECT {COLUMNS} FROM events WHERE stream = ? AND recorded_at < ? "
             "ORDER BY recorded_at DESC, version DESC LIMIT 1",
             (stream, recorded_at),
         )
@@ -608,40 +473,3 @@ class SQLiteStore(EventStore):
             raise translate(exc) from exc
         return Snapshot(*row) if row else None
 
-
-def _resolve(future: asyncio.Future[T], value: T) -> None:
-    if not future.done():  # a caller that was cancelled no longer waits
-        future.set_result(value)
-
-
-def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
-    if not future.done():
-        future.set_exception(error)
-
-
-def _matches(expected: int, actual: int) -> bool:
-    if expected == ANY:
-        return True
-    if expected == STREAM_EXISTS:
-        return actual >= 0
-    if expected == NO_STREAM:
-        return actual == -1
-    return expected == actual
-
-
-def _row_event(row: Any, check: bool) -> Event:
-    position, stream, version, type_, data, meta_bytes, recorded_at, d, prev_hash, h = row
-    if check:
-        if data is not None and hashlib.sha256(data).digest() != d:
-            raise StoreCorrupt(f"event at position {position} is corrupt: data does not match its digest", position)
-        if event_hash(prev_hash, position, stream, version, type_, meta_bytes, recorded_at, d) != h:
-            raise StoreCorrupt(f"event at position {position} is corrupt: hash does not match its fields", position)
-    try:
-        meta = _decode_meta(meta_bytes)
-    except (msgspec.DecodeError, TypeError):
-        raise StoreCorrupt(f"event at position {position} is corrupt: unreadable meta", position) from None
-    return Event(position, stream, version, type_, data, meta, recorded_at, d, prev_hash, h)
-
-
-def _chunks(items: list[T], size: int) -> list[list[T]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
