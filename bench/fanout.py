@@ -180,13 +180,14 @@ def run(subscribers: int = 1000, processes: int = 2, rate: float = 100.0, second
         with ceiling("broadcast") as bare:
             ref = measure(bare, processes, per_process, rate, seconds, count, tmp)
         print(_describe("ceiling", ref))
-        on_measure = None
-        if profile is not None:
-            from bench.profile import recorder
-
-            on_measure = lambda phase: recorder(server.pid, profile / f"fanout-{phase}.txt")  # noqa: E731
         with hub(Path(tmp) / "fanout.db") as server:
             create_channel(server.base, CHANNEL)
+            on_measure = None
+            if profile is not None:
+                from bench.profile import recorder
+
+                folder, pid = profile, server.pid
+                on_measure = lambda phase: recorder(pid, folder / f"fanout-{phase}.txt")  # noqa: E731
             ours = measure(server, processes, per_process, rate, seconds, count, tmp, on_measure)
         print(_describe("eventhub", ours))
     return [

@@ -139,7 +139,10 @@ async def _client(url: str, body: bytes, connections: int, seconds: float) -> di
         await asyncio.gather(*(worker() for _ in range(connections)))
         elapsed = time.perf_counter() - start
     latencies.sort()
-    pick = (lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1e3) if latencies else (lambda q: 0.0)
+
+    def pick(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1e3 if latencies else 0.0
+
     return {"requests": ok, "errors": errors, "seconds": elapsed, "p50_ms": pick(0.5), "p99_ms": pick(0.99)}
 
 

@@ -211,7 +211,7 @@ def health(base: str) -> dict[str, object]:
 
 def cpu_seconds(*pids: int) -> float:
     """User + system CPU seconds the processes have used so far."""
-    import psutil
+    import psutil  # type: ignore[import-untyped]
 
     total = 0.0
     for pid in pids:

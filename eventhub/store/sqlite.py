@@ -295,6 +295,11 @@ class SQLiteStore(EventStore):
         assert self._writer is not None
         conn = self._writer
         try:
+            if not retry:
+                # Retrying after a collision: decide under the write lock this time, or
+                # another process can commit between the reads and the insert again.
+                await conn.execute("BEGIN IMMEDIATE")
+                await self._reload_head()
             versions = await self._stream_versions({a.stream for job in batch for a in job.appends})
             known_keys = await self._known_keys([job.key for job in batch if job.key])
             now = max(self.clock.now(), self._last_recorded)
@@ -306,6 +311,8 @@ class SQLiteStore(EventStore):
                 if decision.keys:
                     await conn.executemany("INSERT INTO idempotency (key, fingerprint, first, last) VALUES (?,?,?,?)", decision.keys)
                 await conn.commit()
+            elif conn.in_transaction:
+                await conn.rollback()
         except sqlite3.Error as exc:
             await self._rollback()
             await self._reload_head()
