@@ -354,10 +354,11 @@ async def test_two_stores_on_one_file_stay_consistent(db_path: str) -> None:
         for i in range(10):
             writer = (a, b)[i % 2]
             await asyncio.gather(*(writer.append(to(f"w{i}.{j}")) for j in range(3)))
-        await asyncio.gather(*(store.append(to("shared")) for store in (a, b) for _ in range(5)))
+        for _ in range(10):  # both writers at once: a retried decision must not collide again
+            await asyncio.gather(*(store.append(to("shared")) for store in (a, b) for _ in range(5)))
         for store in (a, b):
             events = await assert_log_sound(store)
-            assert len(events) == 2 + 30 + 10
+            assert len(events) == 2 + 30 + 100
             assert events[1] == e1
     finally:
         await a.close()

@@ -117,7 +117,7 @@ async def test_kth_commit_fails(tmp_path: Path, k: int, error: str, rolled_back:
 
     for round_no in range(25):
         key, keyed_stream = pending_key or (f"key-{round_no}", f"keyed-{round_no}")
-        calls = [
+        calls: list[Awaitable[list[Event] | None]] = [
             store.append(to("account", new("Moved", str(round_no).encode()), expected=account_version)),
             store.append(to(keyed_stream, new("Keyed"), expected=NO_STREAM), idempotency_key=key),
             store.append(to(f"once-{round_no}", new("Once"), new("Twice")), to("shared")),
