@@ -28,6 +28,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from bench.common import Row, machine, print_table, row_dict
 
@@ -156,9 +157,12 @@ def chart(rows: list[Row], path: Path, title: str) -> None:
     for yi, r, ratio, target in zip(y, rows, ratios, targets):
         if target:
             ax.plot([target, target], [yi - 0.4, yi + 0.4], color="black", linewidth=2)
-        ax.text(ratio * 1.05, yi, f"{r.ratio:.2f}x", va="center", fontsize=8)
+        ax.text(max(ratio, target or 0.0) * 1.06, yi, f"{r.ratio:.2f}x", va="center", fontsize=8)
     ax.set_xscale("log")
     ax.set_xlim(lo, hi)
+    ticks = [t for t in (0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 0.7, 1, 1.5, 2, 3, 5, 10, 30, 100, 300) if lo <= t <= hi]
+    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
     ax.axvline(1.0, color="#555555", linewidth=0.8, linestyle=":")
     ax.set_yticks(y)
@@ -170,12 +174,38 @@ def chart(rows: list[Row], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def markdown(payload: dict[str, Any]) -> str:
+    """The table of a results.json as README markdown, with its date, machine and load generator."""
+    from bench.common import _number
+
+    lines = [
+        f"{payload['date']} — {payload['machine']} — load generator: {payload['load_generator']} — "
+        f"{payload['seconds']['total']:.0f} s in all",
+        "",
+        "| question | measured | reference | ratio | target | holds |",
+        "| --- | ---: | --- | ---: | ---: | :---: |",
+    ]
+    for r in payload["rows"]:
+        row = Row(**{k: v for k, v in r.items() if k not in ("ratio", "holds")})
+        holds = "—" if row.target_text == "-" else ("yes" if row.holds else "**no**")
+        target = " ".join(row.target_text.replace(">=", "≥ ").replace("<=", "≤ ").split())
+        lines.append(
+            f"| {row.question} | {_number(row.measured)} {row.unit} | {row.reference_name}: {_number(row.reference)} | "
+            f"{row.ratio:.2f} | {target} | {holds} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.all", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that everything runs, measures nothing")
     parser.add_argument("--only", default=",".join(STEPS), help=f"comma-separated subset of {', '.join(STEPS)}")
     parser.add_argument("--out", type=Path, default=HERE, help="where results.json and results.png go (default bench/)")
+    parser.add_argument("--markdown", type=Path, metavar="RESULTS_JSON", help="print that run's table as markdown, run nothing")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return 0
     only = tuple(s.strip() for s in args.only.split(",") if s.strip())
     unknown = [s for s in only if s not in STEPS]
     if unknown:

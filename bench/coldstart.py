@@ -11,7 +11,9 @@ are in both figures; the difference is what the log's size costs.
 The first start on the big log has no snapshots and folds the whole log into the facets'
 projections (printed, not a row); its graceful stop writes every projection's snapshot
 at the head, as a node that was running writes them. The measured starts restore those.
-The reference starts use an empty log file that a first start created.
+The reference starts use an empty log file that a first start created. Last, for
+information, a start after a crash: the events a node appends after its last snapshot
+(at most `EVENTHUB_SNAPSHOT_EVERY` - 1) are folded at the next start.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 
 from bench.common import Row, print_table, save
 from bench.servers import hub
+from eventhub.settings import Settings
 
 EVENTS = 1_000_000
 
@@ -70,6 +73,11 @@ def run(events: int = EVENTS, path: Path | None = None, reuse: bool = False, rep
             big.append(start_seconds(log))
         print(f"  starts on the big log: {', '.join(f'{s:.3f}' for s in big)} s; "
               f"on the empty log: {', '.join(f'{s:.3f}' for s in small)} s")
+        # A node that crashed wrote no snapshot at the end: up to snapshot_every - 1 events
+        # past the last one are folded at the next start.
+        gap = min(Settings().snapshot_every - 1, events)
+        asyncio.run(replay.generate(log, gap, seed=8))
+        print(f"  after a crash ({gap:,} events past the snapshots): {start_seconds(log):.3f} s")
     measured, reference = statistics.median(big), statistics.median(small)
     label = f"{head / 1e6:g}M" if head >= 100_000 else f"{head:,}"
     return [

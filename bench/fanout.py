@@ -1,7 +1,7 @@
 """Fan-out: 1,000 websocket subscribers on one channel, latency and throughput, against a
 bare aiohttp broadcast server measured in the same run.
 
-    python -m bench.fanout [--subscribers 1000] [--rate 100] [--seconds 10] [--burst 1000]
+    python -m bench.fanout [--subscribers 1000] [--rate 100] [--calm-rate 25] [--seconds 10] [--burst 1000]
 
 For each server (`bench.servers broadcast`, then eventhub's `GET /channel/bench/ws`), the
 subscribers connect from `--processes` processes of their own (`bench.subscribers`), one
@@ -9,7 +9,11 @@ insert checks that every one of them is live, and then:
 
 - latency: `--rate` inserts per second for `--seconds`, paced on a schedule (a slow answer
   does not delay the next insert); for every line each subscriber receives, the time from
-  sending its insert to the line's bytes arriving. p50 and p99 over all of them.
+  sending its insert to the line's bytes arriving. p50 and p99 over all of them. Then the
+  same at `--calm-rate` (default a quarter of the rate): 100 inserts/s to 1,000
+  subscribers is 100,000 deliveries/s, more than the bare server and the subscribers
+  together sustain on 2 cores, so the first figure measures a growing backlog on both
+  sides; the second shows latency where neither server is saturated (no target).
 - throughput: `--burst` inserts sent as fast as 8 concurrent inserters get answers; the
   deliveries (lines received, all subscribers) divided by the time from the first insert
   sent to the last line received. Inserts cannot outrun delivery for long: both servers
@@ -26,8 +30,8 @@ import asyncio
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,19 +48,24 @@ LATE = 60.0  # seconds to wait for the last lines after the last insert
 
 
 @dataclass
-class Fanout:
-    subscribers: int
+class Latency:
+    rate: float
     p50_ms: float
     p99_ms: float
-    latency_lines: int
-    latency_expected: int
+    lines: int
+    expected: int
+
+
+@dataclass
+class Fanout:
+    subscribers: int
+    latency: list[Latency]  # one per rate, the first at the issue's rate
     deliveries_per_s: float
     burst_lines: int
     burst_expected: int
     server_cpu_us: float  # server CPU per delivery in the burst
     subscribers_cpu_us: float  # subscriber processes' CPU per delivery in the burst
     burst_seconds: float
-
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -107,53 +116,46 @@ async def burst(url: str, count: int, inserters: int = INSERTERS) -> tuple[float
     return start, sends
 
 
-def measure(server: Server, processes: int, per_process: int, rate: float, seconds: float, count: int,
-            folder: str, on_measure: Callable[[str], AbstractContextManager[object]] | None = None) -> Fanout:
-    """Both measurements against one running server with a `CHANNEL` to insert into."""
+Phase = Callable[[str], AbstractContextManager[object]]
+
+
+def measure(server: Server, processes: int, per_process: int, rates: Sequence[float], seconds: float, count: int,
+            folder: str, phase: Phase | None = None) -> Fanout:
+    """Both measurements against one running server with a `CHANNEL` to insert into;
+    `phase(name)` wraps each measured phase (a profiler, say)."""
     url = f"{server.base}/channel/{CHANNEL}"
     ws_url = f"ws://127.0.0.1:{server.port}/channel/{CHANNEL}/ws"
+    during = phase or (lambda name: nullcontext())
     with Pool(ws_url, processes, per_process) as pool:
         size = pool.ready()
         pool.mark()  # every subscriber gets the first insert: they are all live
-        asyncio.run(paced(url, rate, 1))
+        asyncio.run(paced(url, 10.0, 1))
         got = pool.collect(1, 30.0, folder)
         if got.received != size:
             raise BenchError(f"only {got.received} of {size} subscribers received the first insert")
 
-        pool.mark()
-        n = max(1, int(rate * seconds))
-        context = on_measure("latency") if on_measure else None
-        if context:
-            context.__enter__()
-        try:
-            sends = asyncio.run(paced(url, rate, n))
-            got = pool.collect(n, LATE, folder)
-        finally:
-            if context:
-                context.__exit__(None, None, None)
-        latencies = sorted(t - sends[text] for text, times in got.lines.items() if text in sends for t in times)
+        latency = []
+        for rate in rates:
+            pool.mark()
+            n = max(1, int(rate * seconds))
+            with during(f"latency-{rate:g}"):
+                sends = asyncio.run(paced(url, rate, n))
+                got = pool.collect(n, LATE, folder)
+            times = sorted(t - sends[text] for text, ts in got.lines.items() if text in sends for t in ts)
+            latency.append(Latency(rate, percentile(times, 0.50) * 1e3, percentile(times, 0.99) * 1e3, len(times), n * size))
 
         pool.mark()
         sub_pids = [p.pid for p in pool.procs]
-        context = on_measure("throughput") if on_measure else None
-        if context:
-            context.__enter__()
-        try:
+        with during("throughput"):
             cpu0, sub0 = cpu_seconds(server.pid), cpu_seconds(*sub_pids)
             start, burst_sends = asyncio.run(burst(url, count))
             took = pool.collect(count, LATE + count * size / 20_000, folder)
             server_cpu, sub_cpu = cpu_seconds(server.pid) - cpu0, cpu_seconds(*sub_pids) - sub0
-        finally:
-            if context:
-                context.__exit__(None, None, None)
         last = max((max(ts) for text, ts in took.lines.items() if text in burst_sends), default=start)
         delivered = sum(len(ts) for text, ts in took.lines.items() if text in burst_sends)
     return Fanout(
         subscribers=size,
-        p50_ms=percentile(latencies, 0.50) * 1e3,
-        p99_ms=percentile(latencies, 0.99) * 1e3,
-        latency_lines=len(latencies),
-        latency_expected=n * size,
+        latency=latency,
         deliveries_per_s=delivered / (last - start) if last > start else 0.0,
         burst_lines=delivered,
         burst_expected=count * size,
@@ -164,40 +166,54 @@ def measure(server: Server, processes: int, per_process: int, rate: float, secon
 
 
 def _describe(name: str, f: Fanout) -> str:
-    return (f"{name:<9} {f.subscribers:,} subscribers: latency p50 {f.p50_ms:7.2f} ms, p99 {f.p99_ms:7.2f} ms "
-            f"({f.latency_lines:,}/{f.latency_expected:,} lines); burst {f.deliveries_per_s:>9,.0f} deliveries/s "
-            f"({f.burst_lines:,}/{f.burst_expected:,} lines in {f.burst_seconds:.1f} s; CPU per delivery: server "
-            f"{f.server_cpu_us:.1f} us, subscribers {f.subscribers_cpu_us:.1f} us)")
+    lines = [f"{name:<9} {f.subscribers:,} subscribers:"]
+    for x in f.latency:
+        lines.append(f"  {x.rate:g} inserts/s: latency p50 {x.p50_ms:8.2f} ms, p99 {x.p99_ms:8.2f} ms "
+                     f"({x.lines:,}/{x.expected:,} lines)")
+    lines.append(f"  burst: {f.deliveries_per_s:,.0f} deliveries/s ({f.burst_lines:,}/{f.burst_expected:,} lines in "
+                 f"{f.burst_seconds:.1f} s); CPU per delivery: server {f.server_cpu_us:.1f} us, subscribers "
+                 f"{f.subscribers_cpu_us:.1f} us")
+    return "\n".join(lines)
 
 
 def run(subscribers: int = 1000, processes: int = 2, rate: float = 100.0, seconds: float = 10.0, count: int = 1000,
-        profile: Path | None = None) -> list[Row]:
+        profile: Path | None = None, calm_rate: float | None = None) -> list[Row]:
+    """The rows; `calm_rate` adds a latency run at a rate both servers sustain (default rate / 4)."""
     raise_open_files()
     per_process = max(1, subscribers // processes)
-    print(f"bench.fanout: {per_process * processes:,} subscribers in {processes} processes, {rate:g} inserts/s for "
-          f"{seconds:g} s, then a burst of {count:,} inserts")
+    calm = calm_rate if calm_rate is not None else rate / 4
+    rates = [rate, calm] if calm else [rate]
+    print(f"bench.fanout: {per_process * processes:,} subscribers in {processes} processes; "
+          f"{' and '.join(f'{r:g}' for r in rates)} inserts/s for {seconds:g} s each, then a burst of {count:,} inserts")
     with tempfile.TemporaryDirectory(prefix="bench-fanout-") as tmp:
         with ceiling("broadcast") as bare:
-            ref = measure(bare, processes, per_process, rate, seconds, count, tmp)
+            ref = measure(bare, processes, per_process, rates, seconds, count, tmp)
         print(_describe("ceiling", ref))
         with hub(Path(tmp) / "fanout.db") as server:
             create_channel(server.base, CHANNEL)
-            on_measure = None
+            phase: Phase | None = None
             if profile is not None:
                 from bench.profile import recorder
 
                 folder, pid = profile, server.pid
-                on_measure = lambda phase: recorder(pid, folder / f"fanout-{phase}.txt")  # noqa: E731
-            ours = measure(server, processes, per_process, rate, seconds, count, tmp, on_measure)
+                phase = lambda name: recorder(pid, folder / f"fanout-{name}.txt")  # noqa: E731
+            ours = measure(server, processes, per_process, rates, seconds, count, tmp, phase)
         print(_describe("eventhub", ours))
-    return [
-        Row(f"fan-out latency p50 (ms), {ours.subscribers:,} subs", ours.p50_ms, "bare aiohttp broadcast, p50",
-            ref.p50_ms, "ms", 0.0),
-        Row(f"fan-out latency p99 (ms), {ours.subscribers:,} subs", ours.p99_ms, "bare aiohttp broadcast, p99",
-            ref.p99_ms, "ms", 1.5, higher=False),
-        Row("fan-out throughput (deliveries/s)", ours.deliveries_per_s, "bare aiohttp broadcast",
-            ref.deliveries_per_s, "deliveries/s", 0.7),
+    subs = f"{ours.subscribers:,} subs"
+    hot, ref_hot = ours.latency[0], ref.latency[0]
+    rows = [
+        Row(f"fan-out latency p50 (ms), {subs}, {rate:g}/s", hot.p50_ms, "bare aiohttp broadcast, p50",
+            ref_hot.p50_ms, "ms", 0.0),
+        Row(f"fan-out latency p99 (ms), {subs}, {rate:g}/s", hot.p99_ms, "bare aiohttp broadcast, p99",
+            ref_hot.p99_ms, "ms", 1.5, higher=False),
     ]
+    if len(rates) > 1:
+        low, ref_low = ours.latency[1], ref.latency[1]
+        rows.append(Row(f"fan-out latency p99 (ms), {subs}, {calm:g}/s", low.p99_ms, "bare aiohttp broadcast, p99",
+                        ref_low.p99_ms, "ms", 0.0))
+    rows.append(Row("fan-out throughput (deliveries/s)", ours.deliveries_per_s, "bare aiohttp broadcast",
+                    ref.deliveries_per_s, "deliveries/s", 0.7))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,12 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subscribers", type=int, default=1000)
     parser.add_argument("--processes", type=int, default=2, help="subscriber processes")
     parser.add_argument("--rate", type=float, default=100.0, help="inserts per second in the latency run")
-    parser.add_argument("--seconds", type=float, default=10.0, help="length of the latency run")
+    parser.add_argument("--calm-rate", type=float, help="a second latency run's rate (default: rate / 4; 0: none)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each latency run")
     parser.add_argument("--burst", type=int, default=1000, help="inserts in the throughput run")
     parser.add_argument("--profile", type=Path, help="record eventhub with py-spy into this folder")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/out/fanout.json")
     args = parser.parse_args(argv)
-    rows = run(args.subscribers, args.processes, args.rate, args.seconds, args.burst, args.profile)
+    rows = run(args.subscribers, args.processes, args.rate, args.seconds, args.burst, args.profile, args.calm_rate)
     print_table("bench/fanout.py: websocket fan-out", rows)
     if not args.no_save:
         save("fanout", rows)

@@ -42,8 +42,12 @@ def test_fanout_runs_against_both_servers(capsys: pytest.CaptureFixture[str]) ->
     args = ["--subscribers", "10", "--rate", "50", "--seconds", "0.2", "--burst", "10", "--no-save"]
     assert fanout.main(args) == 0
     out = capsys.readouterr().out
-    assert "(100/100 lines)" in out.split("ceiling", 1)[1]  # every subscriber got every burst line
-    assert "| fan-out latency p99 (ms), 10 subs" in out and "| fan-out throughput (deliveries/s)" in out
+    ceiling_part, eventhub_part = out.split("eventhub ", 1)
+    for part in (ceiling_part, eventhub_part):  # every subscriber got every line, on both servers
+        assert "50 inserts/s: latency" in part and "(100/100 lines)" in part  # 10 inserts x 10 subscribers
+        assert "12.5 inserts/s: latency" in part and "(20/20 lines)" in part
+        assert "(100/100 lines in" in part  # the burst
+    assert "| fan-out latency p99 (ms), 10 subs, 50/s" in out and "| fan-out throughput (deliveries/s)" in out
 
 
 def test_all_writes_the_table_json_and_chart(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -54,6 +58,8 @@ def test_all_writes_the_table_json_and_chart(tmp_path: Path, capsys: pytest.Capt
     assert [r["question"] for r in results["rows"]] == ["replay: verify, 2,000 events", "replay: full rebuild, 2,000 events"]
     assert all(r["target"] == 0.3 and isinstance(r["holds"], bool) for r in results["rows"])
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = bench_all.markdown(results)
+    assert "| replay: verify, 2,000 events | " in table and "| ≥ 0.30 |" in table
 
 
 def test_coldstart_restarts_with_snapshots(capsys: pytest.CaptureFixture[str]) -> None:
