@@ -38,8 +38,10 @@ class BodyTooLarge(Exception):
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The whole body, refusing more than `limit` bytes before reading them."""
     length = request.content_length
-    if length is not None and length > limit:
-        raise BodyTooLarge(limit)
+    if length is not None:
+        if length > limit:
+            raise BodyTooLarge(limit)
+        return await request.read()  # the parser stops at Content-Length: no more can come
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.content.iter_chunked(1 << 16):

@@ -78,10 +78,18 @@ def datetime_to_micros(value: _dt.datetime) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
+_second_cache: tuple[int, str] = (-1, "")
+
+
 def iso_millis(micros: int) -> str:
     """`2013-04-23T20:25:33.434Z`: the timestamp format the HTTP contracts use."""
-    dt = micros_to_datetime(micros)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    global _second_cache
+    second, rest = divmod(micros, 1_000_000)
+    cached_second, prefix = _second_cache
+    if second != cached_second:  # most calls fall in the same second as the one before
+        prefix = micros_to_datetime(second * 1_000_000).strftime("%Y-%m-%dT%H:%M:%S.")
+        _second_cache = (second, prefix)
+    return f"{prefix}{rest // 1000:03d}Z"
 
 
 # -- facet events ---------------------------------------------------------------------

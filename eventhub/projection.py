@@ -59,18 +59,32 @@ class Projection(abc.ABC):
 
 
 def fold(projections: Iterable[Projection], events: Iterable[Event]) -> None:
-    """Apply events (ascending) to the projections that have not seen them yet."""
-    items = list(projections)
-    for event in events:
-        for p in items:
-            if event.position <= p.position:
-                continue
-            if p.wants(event):
-                try:
-                    p.apply(event)
-                except Exception:
-                    log.exception("projection %s failed at position %d (%s)", p.name, event.position, event.type)
-            p.position = event.position
+    """Apply events (ascending) to the projections that have not seen them yet.
+
+    Projection by projection, each filtering by its stream prefixes inline: this is
+    the whole cost of a rebuild besides reading the log.
+    """
+    batch = events if isinstance(events, list) else list(events)
+    if not batch:
+        return
+    last = batch[-1].position
+    for p in projections:
+        if last <= p.position:
+            continue
+        todo = batch if batch[0].position > p.position else [e for e in batch if e.position > p.position]
+        if type(p).wants is not Projection.wants:
+            wants = p.wants
+            todo = [e for e in todo if wants(e)]
+        elif p.prefixes:
+            prefixes = p.prefixes
+            todo = [e for e in todo if e.stream.startswith(prefixes)]
+        apply = p.apply
+        for event in todo:
+            try:
+                apply(event)
+            except Exception:
+                log.exception("projection %s failed at position %d (%s)", p.name, event.position, event.type)
+        p.position = last
 
 
 class Projections:

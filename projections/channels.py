@@ -197,9 +197,16 @@ def parse_items_stream(stream: str) -> tuple[str, int]:
 # -- item ids ----------------------------------------------------------------------------
 
 
+_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]  # 10 bits -> two characters
+
+
 def item_id(generation: int, version: int) -> str:
-    number = generation * _HALF + version
-    return "".join(_ALPHABET[(number >> shift) & 31] for shift in range(75, -1, -5))
+    n = generation * _HALF + version
+    p = _PAIRS  # unrolled: this runs for every insert and every link
+    return (
+        p[n >> 70 & 1023] + p[n >> 60 & 1023] + p[n >> 50 & 1023] + p[n >> 40 & 1023]
+        + p[n >> 30 & 1023] + p[n >> 20 & 1023] + p[n >> 10 & 1023] + p[n & 1023]
+    )
 
 
 def parse_item_id(text: str) -> tuple[int, int] | None:

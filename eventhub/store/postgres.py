@@ -274,7 +274,7 @@ class PostgresStore(EventStore):
     async def append(self, *appends: StreamAppend, idempotency_key: str | None = None) -> list[Event]:
         if not appends:
             return []
-        if len({a.stream for a in appends}) != len(appends):
+        if len(appends) > 1 and len({a.stream for a in appends}) != len(appends):
             raise ValueError("a stream may appear only once per append call")
         for a in appends:
             # PostgreSQL text cannot hold NUL; refuse here rather than fail a whole batch.

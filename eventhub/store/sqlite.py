@@ -166,7 +166,7 @@ class SQLiteStore(EventStore):
     async def append(self, *appends: StreamAppend, idempotency_key: str | None = None) -> list[Event]:
         if not appends:
             return []
-        if len({a.stream for a in appends}) != len(appends):
+        if len(appends) > 1 and len({a.stream for a in appends}) != len(appends):
             raise ValueError("a stream may appear only once per append call")
         job = AppendJob(appends, idempotency_key)
         self._submit(job)
