@@ -25,7 +25,7 @@ import uvloop
 
 from bench.common import Row, print_table, save
 from eventhub.events import NewEvent, StreamAppend
-from eventhub.store import store_from_url
+from eventhub.store import EventStore, store_from_url
 from eventhub.chain import GENESIS
 from eventhub.store.batch import AppendJob, decide
 from eventhub.store.sqlite import _INSERT, _SCHEMA
@@ -44,26 +44,28 @@ async def _timed(seconds: float, step: Callable[[], Awaitable[int]]) -> float:
     return done / (time.perf_counter() - start)
 
 
-async def measure_eventhub(url: str, seconds: float) -> dict[str, float]:
-    store = store_from_url(url)
-    await store.open()
+async def measure_eventhub(url_for: Callable[[str], str], seconds: float) -> dict[str, float]:
+    """Each shape on its own log (`url_for(shape)`), so none pays for another's rows."""
+    event = NewEvent("Benchmarked", BODY, META)
+    batch = [event] * 100
     results: dict[str, float] = {}
-    try:
-        event = NewEvent("Benchmarked", BODY, META)
 
-        async def single() -> int:
+    async def on_store(shape: str, run: Callable[[EventStore], Awaitable[float]]) -> None:
+        store = store_from_url(url_for(shape))
+        await store.open()
+        try:
+            results[shape] = await run(store)
+        finally:
+            await store.close()
+
+    async def single(store: EventStore) -> float:
+        async def step() -> int:
             await store.append(StreamAppend("bench:single", [event]))
             return 1
 
-        results["single"] = await _timed(seconds, single)
+        return await _timed(seconds, step)
 
-        async def concurrent() -> int:
-            async def one(i: int) -> None:
-                await store.append(StreamAppend(f"bench:c{i}", [event]))
-
-            await asyncio.gather(*(one(i) for i in range(64)))
-            return 64
-
+    async def concurrent(store: EventStore) -> float:
         # 64 appenders that keep the writer fed: each runs its own loop
         async def appender(i: int, deadline: float, counts: list[int]) -> None:
             while time.perf_counter() < deadline and counts[0] < MAX_EVENTS:
@@ -73,17 +75,18 @@ async def measure_eventhub(url: str, seconds: float) -> dict[str, float]:
         counts = [0]
         start = time.perf_counter()
         await asyncio.gather(*(appender(i, start + seconds, counts) for i in range(64)))
-        results["concurrent"] = counts[0] / (time.perf_counter() - start)
+        return counts[0] / (time.perf_counter() - start)
 
-        batch = [event] * 100
-
-        async def batched() -> int:
+    async def batched(store: EventStore) -> float:
+        async def step() -> int:
             await store.append(StreamAppend("bench:batch", batch))
             return 100
 
-        results["batch"] = await _timed(seconds, batched)
-    finally:
-        await store.close()
+        return await _timed(seconds, step)
+
+    await on_store("single", single)
+    await on_store("concurrent", concurrent)
+    await on_store("batch", batched)
     return results
 
 
@@ -145,7 +148,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         url = args.database_url or f"sqlite:///{os.path.join(tmp, 'eventhub.db')}"
-        ours = uvloop.run(measure_eventhub(url, args.seconds))
+
+        def url_for(shape: str) -> str:
+            return args.database_url or f"sqlite:///{os.path.join(tmp, shape + '.db')}"
+
+        ours = uvloop.run(measure_eventhub(url_for, args.seconds))
         backend = "postgres" if url.startswith("postgres") else "sqlite"
         rows = [Row(f"{backend}: 1 appender x 1 event", ours["single"], "(no reference)", 0, "events/s", 0)]
         if backend == "sqlite":
