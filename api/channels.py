@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 from aiohttp import BodyPartReader, web
 
+from api.broadcast import Broadcast
 from api.common import BodyTooLarge, base_url, json_response, read_body, ws_base_url
 from api.keys import CLOCK, LOG, PROJECTIONS, SETTINGS, WORKERS
 from eventhub.errors import WrongExpectedVersion
@@ -46,6 +47,7 @@ from workers import channels as workers
 log = logging.getLogger(__name__)
 
 CHANNELS = web.AppKey("channels", Channels)
+BROADCASTS = web.AppKey("channel_broadcasts", dict[str, Broadcast])  # items stream -> its websockets' writer
 _STATUS = {"invalid": 400, "not_found": 404, "conflict": 409, "too_large": 413, "unsupported": 415}
 _JSON_LIMIT = 64 * 1024
 _SSE_KEEPALIVE = 15.0
@@ -56,6 +58,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def setup(app: web.Application) -> None:
     projection = Channels()
     app[CHANNELS] = projection
+    app[BROADCASTS] = {}
+    app.on_shutdown.append(_close_broadcasts)
     app[PROJECTIONS].append(projection)
     app[WORKERS].append(workers.purger)
     r = app.router
@@ -357,39 +361,59 @@ def _listing_body(request: web.Request, channel: Channel, begin: int, end: int) 
 # -- subscribing -------------------------------------------------------------------------
 
 Feed = asyncio.Queue[tuple[int, str] | None]
-"""(position, URL) of each new item; None when the subscription ends."""
+"""(position, URL) of each new item for an SSE stream; None when the subscription ends."""
 
 
 async def subscribe_ws(request: web.Request) -> web.WebSocketResponse:
     """One text message per insert, the item's URL, as it commits.
 
-    A client that stops reading lags on its own; once `channel_ws_buffer` URLs wait for
-    it, it is disconnected. Deleting the channel closes the socket (1001, going away).
+    The channel's one `Broadcast` writes to every socket (see api/broadcast.py); this
+    handler only registers the socket, waits for the client to leave, and unregisters it.
+    A client that stops reading lags on its own; once more than `channel_ws_buffer` of its
+    lines wait in its send buffer, it is disconnected. Deleting the channel closes the
+    socket (1001, going away). permessage-deflate is declined: the broadcast writes one
+    frame's bytes to many sockets.
     """
     channel = _channel(request)
-    ws = web.WebSocketResponse(heartbeat=30)
+    ws = web.WebSocketResponse(heartbeat=30, compress=False)
     await ws.prepare(request)
-    feed: Feed = asyncio.Queue(request.app[SETTINGS].channel_ws_buffer)
-    closing = False
-
-    async def send() -> None:
-        nonlocal closing
-        while (item := await feed.get()) is not None:
-            await ws.send_str(item[1])
-        closing = True
-        await ws.close(code=1001, message=b"channel deleted")
-
-    pump = asyncio.create_task(_pump(request, channel, request.app[LOG].head, feed))
-    sender = asyncio.create_task(send())
+    transport = request.transport
+    if transport is None:  # gone during the handshake
+        return ws
+    broadcast = _broadcast(request.app, channel)
+    broadcast.add(ws, transport, f"{_channel_url(request, channel.name)}/", request.app[LOG].head)
     try:
         async for _ in ws:  # what the client sends is ignored; this notices it leaving
             pass
     finally:
-        pump.cancel()
-        if not closing:
-            sender.cancel()
-        await asyncio.gather(pump, sender, return_exceptions=True)
+        broadcast.remove(ws)
     return ws
+
+
+def _broadcast(app: web.Application, channel: Channel) -> Broadcast:
+    """The channel generation's running broadcast, started by its first subscriber."""
+    broadcasts = app[BROADCASTS]
+    broadcast = broadcasts.get(channel.items_stream)
+    if broadcast is None:
+        hub, model = app[LOG].hub, app[CHANNELS].model
+        generation = channel.generation
+
+        async def until_deleted() -> None:
+            while (live := model.channels.get(channel.name)) is not None and live.generation == generation:
+                await hub.wait_change(channel.stream, None)
+
+        broadcast = broadcasts[channel.items_stream] = Broadcast(
+            hub, channel.items_stream, hub.head, lambda event: item_id(generation, event.version),
+            max_lines=app[SETTINGS].channel_ws_buffer, until=until_deleted,
+            on_stop=lambda: broadcasts.pop(channel.items_stream, None), name=f"channel {channel.name}",
+            logger=log,
+        )
+    return broadcast
+
+
+async def _close_broadcasts(app: web.Application) -> None:
+    """At shutdown: every channel websocket gets 1001 (going away) instead of a cut."""
+    await asyncio.gather(*(b.close(1001, b"server shutting down") for b in list(app[BROADCASTS].values())))
 
 
 async def subscribe_sse(request: web.Request) -> web.StreamResponse:
@@ -423,8 +447,8 @@ async def subscribe_sse(request: web.Request) -> web.StreamResponse:
 async def _pump(request: web.Request, channel: Channel, after: int, feed: Feed) -> None:
     """Fill `feed` with this generation's items after `after` until the channel is deleted.
 
-    Each subscriber reads the hub on its own cursor, so a slow one holds up nobody.
-    History (a resume) is fed at the client's pace; once the feed is full of live items
+    SSE only (websockets share their channel's `Broadcast`): each stream reads the hub on
+    its own cursor, so a slow one holds up nobody. History (a resume) is fed at the client's pace; once the feed is full of live items
     the client is too far behind and its connection is dropped.
     """
     hub = request.app[LOG].hub

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
@@ -20,6 +21,7 @@ from eventhub.errors import EventhubError, IdempotencyConflict, StoreCorrupt, Wr
 from eventhub.events import ANY, NO_STREAM, STREAM_EXISTS, Event, StreamAppend
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 Row = tuple[int, str, int, str, bytes | None, bytes, int, bytes, bytes, bytes]
 """An event as stored: position, stream, version, type, data, meta (JSON bytes),
 recorded_at, digest, prev_hash, hash."""
@@ -62,6 +64,48 @@ def fingerprint(appends: tuple[StreamAppend, ...]) -> bytes:
             ]
         )
     ).digest()
+
+
+Job = AppendJob | OpJob[Any]
+
+
+async def run_writer(
+    queue: asyncio.Queue[Job | None],
+    commit: Callable[[list[AppendJob]], Awaitable[None]],
+    run_op: Callable[[OpJob[Any]], Awaitable[None]],
+    closing: Callable[[], bool],
+    max_jobs: int = 2000,
+) -> None:
+    """The group-commit loop of a backend's one writer task.
+
+    Takes every append queued while the previous commit was in flight (up to
+    `max_jobs`) and commits them as one batch; other writes run alone, in queue order.
+    Returns at the `None` a closing store queues, or once closing and drained.
+    """
+    pending: Job | None = None
+    while True:
+        job = pending if pending is not None else await queue.get()
+        pending = None
+        if job is None:
+            return
+        if isinstance(job, OpJob):
+            await run_op(job)
+            continue
+        batch = [job]
+        while len(batch) < max_jobs and not queue.empty():
+            nxt = queue.get_nowait()
+            if not isinstance(nxt, AppendJob):
+                pending = nxt
+                break
+            batch.append(nxt)
+        try:
+            await commit(batch)
+        except Exception as exc:  # the writer must outlive any one batch
+            log.exception("writer failed a batch")
+            for j in batch:
+                fail(j.future, exc)
+        if pending is None and closing() and queue.empty():
+            return
 
 
 def resolve(future: asyncio.Future[T], value: T) -> None:

@@ -15,7 +15,7 @@ from eventhub.clock import Clock, SystemClock
 from eventhub.errors import EventhubError, StoreClosed, StoreCorrupt, StoreFull, StoreUnavailable
 from eventhub.events import Event, StreamAppend
 from eventhub.store.base import EventStore, Snapshot
-from eventhub.store.batch import COLUMNS, AppendJob, OpJob, Row, decide, event_row, fail, resolve, row_event
+from eventhub.store.batch import COLUMNS, AppendJob, OpJob, Row, decide, event_row, fail, resolve, row_event, run_writer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -356,30 +356,7 @@ class PostgresStore(EventStore):
         self._versions.clear()
 
     async def _run_writer(self) -> None:
-        pending: AppendJob | OpJob[Any] | None = None
-        while True:
-            job = pending if pending is not None else await self._queue.get()
-            pending = None
-            if job is None:
-                return
-            if isinstance(job, OpJob):
-                await self._run_op_job(job)
-                continue
-            batch = [job]
-            while len(batch) < _MAX_BATCH_JOBS and not self._queue.empty():
-                nxt = self._queue.get_nowait()
-                if not isinstance(nxt, AppendJob):
-                    pending = nxt
-                    break
-                batch.append(nxt)
-            try:
-                await self._commit(batch)
-            except Exception as exc:  # the writer must outlive any one batch
-                log.exception("writer failed a batch")
-                for j in batch:
-                    fail(j.future, exc)
-            if pending is None and self._closing and self._queue.empty():
-                return
+        await run_writer(self._queue, self._commit, self._run_op_job, lambda: self._closing, _MAX_BATCH_JOBS)
 
     async def _run_op_job(self, job: OpJob[Any]) -> None:
         try:
