@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, WSMsgType, web
 
 from api.broadcast import Broadcast
 from api.common import BodyTooLarge, base_url, json_response, read_body, ws_base_url
@@ -50,6 +50,7 @@ CHANNELS = web.AppKey("channels", Channels)
 BROADCASTS = web.AppKey("channel_broadcasts", dict[str, Broadcast])  # items stream -> its websockets' writer
 _STATUS = {"invalid": 400, "not_found": 404, "conflict": 409, "too_large": 413, "unsupported": 415}
 _JSON_LIMIT = 64 * 1024
+_LEFT = frozenset({WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR})
 _SSE_KEEPALIVE = 15.0
 _UNITS = [dt.timedelta(days=1), dt.timedelta(hours=1), dt.timedelta(minutes=1), dt.timedelta(seconds=1)]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -70,7 +71,7 @@ def setup(app: web.Application) -> None:
     r.add_delete("/channel/{name}", _handle(delete_channel))
     r.add_post("/channel/{name}", _handle(insert))
     r.add_post("/channel/{name}/bulk", _handle(insert_bulk))
-    r.add_get("/channel/{name}/ws", _handle(subscribe_ws))
+    r.add_get("/channel/{name}/ws", subscribe_ws)  # maps its own errors: one frame less per open socket
     r.add_get("/channel/{name}/events", _handle(subscribe_sse))
     r.add_get("/channel/{name}/latest", _handle(latest))
     r.add_get("/channel/{name}/earliest", _handle(earliest))
@@ -93,9 +94,13 @@ def _handle(handler: Handler) -> Handler:
             error = ChannelError("too_large", f"{exc}; nothing was written")
         except ChannelError as exc:
             error = exc
-        return json_response({"error": error.message}, status=_STATUS[error.kind])
+        return _error(error)
 
     return wrapped
+
+
+def _error(error: ChannelError) -> web.Response:
+    return json_response({"error": error.message}, status=_STATUS[error.kind])
 
 
 # -- channels ----------------------------------------------------------------------------
@@ -364,7 +369,7 @@ Feed = asyncio.Queue[tuple[int, str] | None]
 """(position, URL) of each new item for an SSE stream; None when the subscription ends."""
 
 
-async def subscribe_ws(request: web.Request) -> web.WebSocketResponse:
+async def subscribe_ws(request: web.Request) -> web.StreamResponse:
     """One text message per insert, the item's URL, as it commits.
 
     The channel's one `Broadcast` writes to every socket (see api/broadcast.py); this
@@ -374,17 +379,29 @@ async def subscribe_ws(request: web.Request) -> web.WebSocketResponse:
     socket (1001, going away). permessage-deflate is declined: the broadcast writes one
     frame's bytes to many sockets.
     """
-    channel = _channel(request)
-    ws = web.WebSocketResponse(heartbeat=30, compress=False)
+    try:
+        channel = _channel(request)
+    except ChannelError as exc:
+        return _error(exc)
+    # no aiohttp heartbeat (a timer per socket): the broadcast pings them all; no deflate
+    ws = web.WebSocketResponse(autoping=False, compress=False)
     await ws.prepare(request)
     transport = request.transport
     if transport is None:  # gone during the handshake
         return ws
     broadcast = _broadcast(request.app, channel)
-    broadcast.add(ws, transport, f"{_channel_url(request, channel.name)}/", request.app[LOG].head)
+    broadcast.add(ws, transport, f"{_channel_url(request, channel.name)}/", channel.items - 1)
     try:
-        async for _ in ws:  # what the client sends is ignored; this notices it leaving
-            pass
+        # what the client sends is ignored; this answers its pings, reports its pongs and
+        # notices it leaving (`receive` rather than `async for`: one coroutine less per socket)
+        while (msg := await ws.receive()).type not in _LEFT:
+            if msg.type is WSMsgType.PONG:
+                broadcast.pong(ws)
+            elif msg.type is WSMsgType.PING:
+                try:
+                    await ws.pong(msg.data)
+                except ConnectionError:  # it left while pinging
+                    break
     finally:
         broadcast.remove(ws)
     return ws
@@ -392,8 +409,8 @@ async def subscribe_ws(request: web.Request) -> web.WebSocketResponse:
 
 def _broadcast(app: web.Application, channel: Channel) -> Broadcast:
     """The channel generation's running broadcast, started by its first subscriber."""
-    broadcasts = app[BROADCASTS]
-    broadcast = broadcasts.get(channel.items_stream)
+    broadcasts, stream = app[BROADCASTS], channel.items_stream
+    broadcast = broadcasts.get(stream)
     if broadcast is None:
         hub, model = app[LOG].hub, app[CHANNELS].model
         generation = channel.generation
@@ -402,18 +419,24 @@ def _broadcast(app: web.Application, channel: Channel) -> Broadcast:
             while (live := model.channels.get(channel.name)) is not None and live.generation == generation:
                 await hub.wait_change(channel.stream, None)
 
-        broadcast = broadcasts[channel.items_stream] = Broadcast(
-            hub, channel.items_stream, hub.head, lambda event: item_id(generation, event.version),
+        def forget() -> None:
+            if broadcasts.get(stream) is broadcast:
+                del broadcasts[stream]
+
+        broadcast = broadcasts[stream] = Broadcast(
+            hub, stream, hub.head, channel.items - 1, lambda event: item_id(generation, event.version),
             max_lines=app[SETTINGS].channel_ws_buffer, until=until_deleted,
-            on_stop=lambda: broadcasts.pop(channel.items_stream, None), name=f"channel {channel.name}",
-            logger=log,
+            heartbeat=app[SETTINGS].channel_ws_heartbeat_seconds, sleep=app[CLOCK].sleep,
+            on_stop=forget, name=f"channel {channel.name}", logger=log,
         )
     return broadcast
 
 
 async def _close_broadcasts(app: web.Application) -> None:
     """At shutdown: every channel websocket gets 1001 (going away) instead of a cut."""
-    await asyncio.gather(*(b.close(1001, b"server shutting down") for b in list(app[BROADCASTS].values())))
+    broadcasts = list(app[BROADCASTS].values())
+    await asyncio.gather(*(b.close(1001, b"server shutting down") for b in broadcasts))
+    await asyncio.gather(*(b.join() for b in broadcasts))
 
 
 async def subscribe_sse(request: web.Request) -> web.StreamResponse:

@@ -62,6 +62,9 @@ def print_table(title: str, rows: Sequence[Row]) -> None:
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for r in rows:
+        if not r.reference:  # a figure with nothing to compare it with in this run
+            print(f"| {r.question:<38} | {_number(r.measured):>12} | {'-':<34} | {'-':>12} | {'-':>6} | {'-':>9} | {'-':>5} |")
+            continue
         print(
             f"| {r.question:<38} | {_number(r.measured):>12} | {r.reference_name:<34} | {_number(r.reference):>12} | "
             f"{r.ratio:>6.2f} | {r.target_text:>9} | {'yes' if r.holds else 'NO':>5} |"

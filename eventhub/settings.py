@@ -32,6 +32,7 @@ class Settings(msgspec.Struct, kw_only=True):
     channel_default_ttl_millis: int = 120 * 24 * 3600 * 1000
     ttl_sweep_seconds: float = 60.0
     channel_ws_buffer: int = 10_000
+    channel_ws_heartbeat_seconds: float = 30.0  # a ping to every channel websocket; no pong by the next: dropped
     export_macaroon_key: str = ""
     export_target: str = "eventhub"
     export_allow: list[str] = []
@@ -140,6 +141,8 @@ def _validate(s: Settings) -> None:
             raise bad(field, "must be positive")
     if s.ttl_sweep_seconds <= 0:
         raise bad("ttl_sweep_seconds", "must be positive")
+    if s.channel_ws_heartbeat_seconds <= 0:
+        raise bad("channel_ws_heartbeat_seconds", "must be positive")
     if s.long_poll_max_seconds <= 0:
         raise bad("long_poll_max_seconds", "must be positive")
     for field in ("export_max_body_bytes", "export_response_max_bytes", "export_timeout_seconds"):

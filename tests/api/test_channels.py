@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -421,7 +422,57 @@ async def test_websocket_slow_reader_is_dropped_without_slowing_others(
     assert received < len(sent) and msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
     sent.append(await _insert(client, "stumptown"))
     assert await fast.receive_str() == sent[-1]
+    assert [len(b) for b in client.app[channels.BROADCASTS].values()] == [1]  # only the fast one left
     await fast.close()
+
+
+async def test_websocket_subscribers_share_one_broadcast(make_client: AppClient) -> None:
+    client = await _client(make_client)
+    await _create(client)
+    broadcasts = client.app[channels.BROADCASTS]
+    plain = [await client.ws_connect("/channel/stumptown/ws") for _ in range(10)]
+    proxied = await client.ws_connect(
+        "/channel/stumptown/ws", headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "hub.example.org"}
+    )
+    assert len(broadcasts) == 1 and len(next(iter(broadcasts.values()))) == 11
+    urls = [await _insert(client, "stumptown", b"one")]
+    with aiohttp.MultipartWriter("mixed") as mp:  # one append of three: one batch for the broadcast
+        for i in range(3):
+            mp.append(f"bulk {i}", {"Content-Type": "text/plain"})
+    bulk = await client.post("/channel/stumptown/bulk", data=mp)
+    urls += (await bulk.json())["_links"]["uris"]
+    for ws in plain:
+        assert [await ws.receive_str() for _ in urls] == urls
+    assert [await proxied.receive_str() for _ in urls] == ["https://hub.example.org" + _path(u) for u in urls]
+
+    late = await client.ws_connect("/channel/stumptown/ws")  # mid-stream: only what comes next
+    later = await _insert(client, "stumptown")
+    assert await late.receive_str() == later == await plain[0].receive_str()
+
+    for ws in [*plain, proxied, late]:
+        await ws.close()
+    await _settled(lambda: not broadcasts)  # the last one out stopped it
+    again = await client.ws_connect("/channel/stumptown/ws")  # and the next one starts another
+    newest = await _insert(client, "stumptown")
+    assert await again.receive_str() == newest and len(broadcasts) == 1
+    await again.close()
+
+
+async def test_shutdown_closes_channel_websockets_with_1001(make_client: AppClient) -> None:
+    client = await _client(make_client)
+    await _create(client)
+    ws = await client.ws_connect("/channel/stumptown/ws")
+    await client.app.shutdown()
+    closed = await ws.receive(timeout=10)
+    assert closed.type == aiohttp.WSMsgType.CLOSE and closed.data == 1001
+    assert not client.app[channels.BROADCASTS]
+
+
+async def _settled(done: Callable[[], bool]) -> None:
+    """Let the server finish what the client cannot see the end of (an unregistration)."""
+    async with asyncio.timeout(10):
+        while not done():
+            await asyncio.sleep(0.001)
 
 
 async def test_sse_streams_and_resumes_from_last_event_id(make_client: AppClient) -> None:
