@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from types import ModuleType
 
 import aiohttp
 from aiohttp import web
-
-from types import ModuleType
 
 from api import channels, events, exports, specs, webhooks
 from api.common import POSITION_HEADER, json_response
@@ -17,8 +16,8 @@ from api.keys import CLOCK, HTTP, LOG, PROJECTIONS, SETTINGS, WORKERS
 from eventhub.clock import Clock, SystemClock
 from eventhub.errors import StoreCorrupt, StoreUnavailable
 from eventhub.log import EventLog
-from eventhub.projection import Projection
 from eventhub.netguard import GuardedResolver, OutboundGuard
+from eventhub.projection import Projection
 from eventhub.settings import Settings
 from eventhub.store import create_store
 

@@ -23,7 +23,7 @@ from typing import Final, Literal
 import msgspec
 
 from eventhub.claims import Lease, claimable, lease_until
-from eventhub.events import Event, FactCodec, NewEvent, fact_event
+from eventhub.events import Event, FactCodec
 from eventhub.projection import Projection
 
 PREFIX: Final = "export:"

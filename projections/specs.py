@@ -17,7 +17,7 @@ from typing import Any, Final, Literal
 import msgspec
 
 from eventhub.claims import Lease, claimable, lease_until
-from eventhub.events import Event, FactCodec, NewEvent, fact_event
+from eventhub.events import Event, FactCodec
 from eventhub.projection import Projection
 
 QUEUED: Final = "QUEUED"
