@@ -65,28 +65,19 @@ def _append_rows(seconds: float) -> list[Row]:
     ]
 
 
-def replay_rows(log: Path) -> list[Row]:
-    """bench.replay's measurements on an existing log (as its `main` makes them), with the
-    issue's target."""
-    from api.cli import facet_projections
+def replay_rows(log: Path, rounds: int) -> list[Row]:
+    """bench.replay's measurements on an existing log (its `measure`, medians of `rounds`),
+    with the issue's target."""
     from bench import replay
 
-    def timed(fn: Callable[[], int]) -> tuple[int, float]:
-        started = time.perf_counter()
-        value = fn()
-        return value, time.perf_counter() - started
-
-    read, read_s = timed(lambda: replay.sqlite_ceiling(log))
-    verified, verify_s = timed(lambda: asyncio.run(replay.run_verify(log)))
-    projections = [*facet_projections(f"sqlite:///{log}"), replay.BenchModel()]  # built untimed
-    rebuilt, rebuild_s = timed(lambda: asyncio.run(replay.run_rebuild(log, projections)))
+    read, read_s, verify_s, rebuild_s = replay.measure(log, rounds)
     print(f"bench.replay: {read:,} events: SELECT {read_s:.2f} s, verify {verify_s:.2f} s, rebuild {rebuild_s:.2f} s")
     ceiling = read / read_s
     label = f"{read / 1e6:g}M" if read >= 100_000 else f"{read:,}"
     reference = "sqlite3 SELECT every row (ceiling)"
     return [
-        Row(f"replay: verify, {label} events", verified / verify_s, reference, ceiling, "events/s", REPLAY_TARGET),
-        Row(f"replay: full rebuild, {label} events", rebuilt / rebuild_s, reference, ceiling, "events/s", REPLAY_TARGET),
+        Row(f"replay: verify, {label} events", read / verify_s, reference, ceiling, "events/s", REPLAY_TARGET),
+        Row(f"replay: full rebuild, {label} events", read / rebuild_s, reference, ceiling, "events/s", REPLAY_TARGET),
     ]
 
 
@@ -121,7 +112,7 @@ def run(sizes: Sizes, only: tuple[str, ...], log_dir: Path) -> tuple[dict[str, l
     step("insert", lambda: insert.run(sizes.seconds, 64, tool(), start_nats=sizes is FULL))
     step("append", lambda: _append_rows(sizes.append_seconds))
     step("fanout", lambda: fanout.run(sizes.subscribers, 2, sizes.rate, sizes.fan_seconds, sizes.burst))
-    step("replay", lambda: replay_rows(shared_log()))
+    step("replay", lambda: replay_rows(shared_log(), 1 if sizes is QUICK else replay.ROUNDS))
     step("coldstart", lambda: coldstart.run(sizes.events, shared_log(), reuse=True, repeats=sizes.repeats))
     step("memory", lambda: memory.run(sizes.idle, 2, compare=sizes is FULL))
     return rows, errors, took

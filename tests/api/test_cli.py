@@ -226,3 +226,29 @@ async def test_replay_without_facets_uses_the_apps(sqlite_url: str, capsys: pyte
     doc = json.loads(capsys.readouterr().out)
     assert doc["position"] == 1 and list(doc["projections"]) == names
     assert await in_thread(main, ["replay", "--check", "--database-url", sqlite_url]) == 0
+
+
+async def test_rebuild_across_reads_folds_each_event_once(url: str) -> None:
+    """A log longer than one read of the walk: the rebuild holds what folding every event
+    one by one gives, up to a position inside a read."""
+    from api.cli import rebuild
+    from eventhub.cli import READ_BATCH
+
+    n, until = 2 * READ_BATCH + 300, 2 * READ_BATCH + 123
+    async with store_from_url(url, clock=ManualClock()) as store:
+        for first in range(0, n, 500):
+            await store.append(
+                *(
+                    StreamAppend(f"{prefix}{first % 7}", [NewEvent("Tallied", msgspec.json.encode({"amount": i}))
+                                                          for i in range(first, first + 250)])
+                    for prefix in ("tally:", "other:")
+                )
+            )
+        expected, opaque = Tally(), Opaque()
+        for event in await store.read_all(0, until):
+            if event.stream.startswith("tally:"):
+                expected.apply(event)
+        rebuilt = Tally()
+        assert await rebuild(store, [rebuilt, opaque], until) == until
+    assert rebuilt.streams == expected.streams and rebuilt.position == until
+    assert opaque.n == until and opaque.position == until

@@ -76,3 +76,30 @@ def test_a_purged_payload_still_verifies() -> None:
     events[1] = msgspec.structs.replace(events[1], data=None)
     assert check_event(events[1]) is None
     assert ChainVerifier().feed(events)
+
+
+def test_the_count_and_chain_carry_over_runs_and_stop_at_a_break() -> None:
+    events = _chain(9)
+    v = ChainVerifier()
+    assert v.feed(events[:4]) and v.feed(events[4:6])
+    assert (v.result.events, v.result.head, v.result.chain) == (6, 6, events[5].hash)
+    events[7] = msgspec.structs.replace(events[7], type="U")
+    assert not v.feed(events[6:])
+    assert (v.result.events, v.result.head, v.result.chain, v.result.broken_at) == (7, 7, events[6].hash, 8)
+    assert not v.feed(events[8:])  # nothing is walked past a break
+    assert v.result.events == 7
+
+
+def test_a_walk_anchored_past_the_start_counts_from_its_anchor() -> None:
+    events = _chain(6)
+    v = ChainVerifier(3, events[2].hash)
+    assert v.feed(events[3:])
+    assert (v.result.events, v.result.head) == (3, 6)
+
+
+def test_an_empty_meta_is_hashed_as_an_empty_object() -> None:
+    """`feed` encodes meta without `encode_meta`'s empty-dict branch: same bytes."""
+    prev, data = GENESIS, b"x"
+    h = event_hash(prev, 1, "s", 0, "T", encode_meta({}), 5, digest(data))
+    assert encode_meta({}) == b"{}"
+    assert ChainVerifier().feed([Event(1, "s", 0, "T", data, {}, 5, digest(data), prev, h)])

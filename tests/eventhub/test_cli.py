@@ -21,7 +21,7 @@ import msgspec
 import pytest
 
 from api.cli import main
-from eventhub.cli import Progress
+from eventhub.cli import READ_BATCH, Progress, read_batches
 from eventhub.chain import digest, encode_meta, event_hash
 from eventhub.clock import ManualClock
 from eventhub.events import FACT_CONTENT_TYPE, Event, NewEvent, StreamAppend
@@ -211,6 +211,49 @@ def test_verify_names_unreadable_meta(sqlite_url: str, capsys: pytest.CaptureFix
     tamper(sqlite_url, "UPDATE events SET type = $1 WHERE position = $2", "Forged", 11)
     assert main(["verify", "--database-url", sqlite_url]) == 1
     assert capsys.readouterr().out == "broken at position 11: hash does not cover the event's fields\n"
+
+
+async def fill_long(url: str, n: int) -> list[Event]:
+    """`n` events in a few appends: a log longer than one read of a full walk."""
+    async with store_from_url(url, clock=ManualClock()) as store:
+        events: list[Event] = []
+        for first in range(0, n, 1000):
+            facts = [NewEvent("RevisionUploaded", msgspec.json.encode({"i": i}), JSON) for i in range(first, min(first + 1000, n))]
+            events += await store.append(StreamAppend("spec:long", facts))
+        return events
+
+
+async def test_verify_walks_read_after_read(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    n = 2 * READ_BATCH + 500
+    events = await fill_long(url, n)
+    code, out, _ = await run(capsys, "verify", "--database-url", url)
+    assert (code, out) == (0, f"ok: {n} events, head {n}, chain {events[-1].hash.hex()}\n")
+    code, out, _ = await run(capsys, "verify", "--database-url", url, "--from", str(READ_BATCH + 2))
+    assert (code, out) == (0, f"ok: {n - READ_BATCH - 1} events, head {n}, chain {events[-1].hash.hex()}\n")
+    tamper(url, "UPDATE events SET type = $1 WHERE position = $2", "Forged", 2 * READ_BATCH + 7)
+    code, out, _ = await run(capsys, "verify", "--database-url", url)
+    assert (code, out) == (1, f"broken at position {2 * READ_BATCH + 7}: hash does not cover the event's fields\n")
+
+
+def test_verify_names_unreadable_meta_in_a_later_read(sqlite_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The rows of the failed read before the unreadable one are walked first."""
+    _sync(fill_long(sqlite_url, 2 * READ_BATCH + 500))
+    bad = 2 * READ_BATCH + 100
+    tamper(sqlite_url, "UPDATE events SET meta = $1 WHERE position = $2", b"{not json", bad)
+    assert main(["verify", "--database-url", sqlite_url]) == 1
+    assert capsys.readouterr().out == f"broken at position {bad}: event at position {bad} is corrupt: unreadable meta\n"
+    tamper(sqlite_url, "UPDATE events SET type = $1 WHERE position = $2", "Forged", bad - 1)
+    assert main(["verify", "--database-url", sqlite_url]) == 1
+    assert capsys.readouterr().out == f"broken at position {bad - 1}: hash does not cover the event's fields\n"
+
+
+async def test_read_batches_cover_the_range_once_in_order(sqlite_url: str) -> None:
+    events = await fill_long(sqlite_url, 23)
+    async with store_from_url(sqlite_url) as store:
+        batches = [b async for b in read_batches(store, 4, 21, size=5)]
+        assert [len(b) for b in batches] == [5, 5, 5, 2]
+        assert [e for b in batches for e in b] == events[4:21]
+        assert [b async for b in read_batches(store, 21, 21)] == []
 
 
 def test_read_only_commands_never_create_a_database(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
