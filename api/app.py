@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from types import ModuleType
 
 import aiohttp
 from aiohttp import web
 
 from api import channels, events, exports, specs, webhooks
-from api.common import POSITION_HEADER, json_response
 from api.keys import CLOCK, HTTP, LOG, PROJECTIONS, SETTINGS, WORKERS
 from eventhub.clock import Clock, SystemClock
-from eventhub.errors import StoreCorrupt, StoreUnavailable
 from eventhub.log import EventLog
 from eventhub.netguard import GuardedResolver, OutboundGuard
 from eventhub.projection import Projection
@@ -25,7 +23,6 @@ log = logging.getLogger(__name__)
 
 # each facet module exposes setup(app): routes, its projection, its workers
 FACETS: tuple[ModuleType, ...] = (channels, webhooks, exports, specs)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def create_app(
@@ -33,7 +30,6 @@ def create_app(
 ) -> web.Application:
     app = web.Application(
         client_max_size=settings.max_body_bytes + 1,
-        middlewares=[_log_middleware],
         handler_args={"max_field_size": 16384, "auto_decompress": False},  # channel items keep the bytes sent
     )
     app[SETTINGS] = settings
@@ -84,33 +80,3 @@ async def _run_workers(app: web.Application) -> AsyncIterator[None]:
     for task, result in zip(tasks, results):
         if isinstance(result, Exception):
             log.error("worker %s ended with %r", task.get_name(), result)
-
-
-@web.middleware
-async def _log_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The log's part of every request, in one middleware (one layer per request is cheaper):
-
-    - a store that cannot serve answers 503 with a message, never a traceback;
-    - `Hub-Position`: a read that names a position waits until this node has applied it,
-      and a write reports the head after it, so a client can read on node B what it
-      wrote through node A.
-    """
-    event_log = request.app[LOG]
-    raw = request.headers.get(POSITION_HEADER)
-    try:
-        if raw:
-            try:
-                position = int(raw)
-            except ValueError:
-                return json_response({"error": f"{POSITION_HEADER} must be an integer"}, status=400)
-            if not await event_log.wait_for(position, 10.0):
-                return json_response({"error": f"this node has not reached position {position} yet"}, status=503)
-        response = await handler(request)
-    except StoreUnavailable as exc:
-        return json_response({"error": "store unavailable", "message": str(exc)}, status=503)
-    except StoreCorrupt as exc:
-        log.error("corruption: %s", exc)
-        return json_response({"error": "store corrupt", "message": str(exc), "position": exc.position}, status=503)
-    if request.method not in ("GET", "HEAD", "OPTIONS") and not response.prepared:
-        response.headers[POSITION_HEADER] = str(event_log.head)
-    return response

@@ -12,16 +12,15 @@ import asyncio
 import base64
 import binascii
 import datetime as dt
-import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 from aiohttp import BodyPartReader, WSMsgType, web
 
 from api.broadcast import Broadcast
-from api.common import BodyTooLarge, base_url, json_response, read_body, ws_base_url
+from api.common import BodyTooLarge, Handler, base_url, json_response, read_body, route, ws_base_url
 from api.keys import CLOCK, LOG, PROJECTIONS, SETTINGS, WORKERS
 from eventhub.errors import WrongExpectedVersion
 from eventhub.events import Event, StreamAppend, datetime_to_micros, iso_millis
@@ -53,7 +52,6 @@ _JSON_LIMIT = 64 * 1024
 _LEFT = frozenset({WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR})
 _SSE_KEEPALIVE = 15.0
 _UNITS = [dt.timedelta(days=1), dt.timedelta(hours=1), dt.timedelta(minutes=1), dt.timedelta(seconds=1)]
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def setup(app: web.Application) -> None:
@@ -86,20 +84,12 @@ def setup(app: web.Application) -> None:
 
 
 def _handle(handler: Handler) -> Handler:
-    @functools.wraps(handler)
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except BodyTooLarge as exc:
-            error = ChannelError("too_large", f"{exc}; nothing was written")
-        except ChannelError as exc:
-            error = exc
-        return _error(error)
-
-    return wrapped
+    return route(handler, (ChannelError, BodyTooLarge), _error)
 
 
-def _error(error: ChannelError) -> web.Response:
+def _error(error: ChannelError | BodyTooLarge) -> web.Response:
+    if isinstance(error, BodyTooLarge):
+        error = ChannelError("too_large", f"{error}; nothing was written")
     return json_response({"error": error.message}, status=_STATUS[error.kind])
 
 
@@ -163,10 +153,13 @@ async def insert(request: web.Request) -> web.Response:
     h = request.headers
     meta = item_meta(h.get("Content-Type"), h.get("Content-Encoding"), h.get("Content-Language"))
     (event,) = await _commit(request, lambda model: decide_insert(model, channel.name, [(data, meta)]))
-    url = _inserted_url(request, event)
+    name, generation = parse_items_stream(event.stream)
+    channel_url = _channel_url(request, name)
+    id_ = item_id(generation, event.version)
+    url = f"{channel_url}/{id_}"
     body = {
-        "_links": {"channel": {"href": _channel_url(request, channel.name)}, "self": {"href": url}},
-        "id": url.rpartition("/")[2],
+        "_links": {"channel": {"href": channel_url}, "self": {"href": url}},
+        "id": id_,
         "timestamp": iso_millis(event.recorded_at),
     }
     return json_response(body, status=201, headers={"Location": url})

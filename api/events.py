@@ -15,7 +15,7 @@ import hmac
 import msgspec
 from aiohttp import web
 
-from api.common import JSONError, json_response
+from api.common import JSONError, json_response, route
 from api.keys import LOG, SETTINGS
 from eventhub.hub import EventFilter
 from eventhub.render import event_summary
@@ -25,10 +25,10 @@ _encode = msgspec.json.Encoder().encode
 
 
 def setup(app: web.Application) -> None:
-    app.router.add_get("/health", health)
-    app.router.add_get("/events", events_page)
-    app.router.add_get("/events/sse", events_sse)
-    app.router.add_get("/events/ws", events_ws)
+    app.router.add_get("/health", route(health))
+    app.router.add_get("/events", route(events_page))
+    app.router.add_get("/events/sse", route(events_sse))
+    app.router.add_get("/events/ws", events_ws)  # no wrapper: one frame less per open socket
 
 
 async def health(request: web.Request) -> web.Response:

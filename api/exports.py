@@ -18,13 +18,13 @@ import argparse
 import asyncio
 import binascii
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 
 from aiohttp import BasicAuth, web
 from pymacaroons import Macaroon, Verifier  # type: ignore[import-untyped]
 from pymacaroons.exceptions import MacaroonException  # type: ignore[import-untyped]
 
-from api.common import BodyTooLarge, json_response, read_body
+from api.common import BodyTooLarge, json_response, read_body, route
 from api.keys import LOG, PROJECTIONS, SETTINGS
 from eventhub.errors import SettingsError
 from eventhub.events import NO_STREAM, StreamAppend, fact_event
@@ -36,7 +36,6 @@ from projections.exports import ExportError, ExportsProjection
 EXPORTS = web.AppKey("exports", ExportsProjection)
 GUARD = web.AppKey("exports_guard", OutboundGuard)
 DEFAULT_LONG_POLL_SECONDS = 5.0
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def setup(app: web.Application) -> None:
@@ -46,8 +45,8 @@ def setup(app: web.Application) -> None:
     app[EXPORTS] = projection
     app[GUARD] = OutboundGuard(app[SETTINGS].export_allow)
     app[PROJECTIONS].append(projection)
-    app.router.add_post("/export", export)
-    app.router.add_post("/lp/export", export_long_poll)
+    app.router.add_post("/export", route(export))
+    app.router.add_post("/lp/export", route(export_long_poll))
     worker.setup(app)
 
 

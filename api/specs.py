@@ -21,7 +21,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from aiohttp import ClientError, web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from api.common import BodyTooLarge, json_response, read_body
+from api.common import BodyTooLarge, Handler, json_response, read_body, route
 from api.keys import CLOCK, HTTP, LOG, PROJECTIONS, SETTINGS, WORKERS
 from eventhub.errors import SettingsError, WrongExpectedVersion
 from eventhub.events import Event, NO_STREAM, StreamAppend, fact_event, iso_millis
@@ -89,7 +89,6 @@ def setup(app: web.Application) -> None:
 
 # -- errors: the one place SpecError becomes HTTP ------------------------------------------
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _error_response(shape: str, err: SpecError) -> web.Response:
@@ -105,14 +104,7 @@ def _error_response(shape: str, err: SpecError) -> web.Response:
 
 def _answers(shape: str) -> Callable[[Handler], Handler]:
     def wrap(handler: Handler) -> Handler:
-        @functools.wraps(handler)
-        async def wrapped(request: web.Request) -> web.StreamResponse:
-            try:
-                return await handler(request)
-            except SpecError as err:
-                return _error_response(shape, err)
-
-        return wrapped
+        return route(handler, SpecError, functools.partial(_error_response, shape))
 
     return wrap
 

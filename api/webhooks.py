@@ -8,7 +8,6 @@ Webhooks follow channels, so `api.channels` must be set up first in the same app
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -17,7 +16,7 @@ import msgspec
 from aiohttp import web
 
 from api.channels import CHANNELS
-from api.common import BodyTooLarge, base_url, json_response, read_body
+from api.common import BodyTooLarge, Handler, base_url, json_response, read_body, route
 from api.keys import LOG, PROJECTIONS, SETTINGS, WORKERS
 from eventhub.errors import WrongExpectedVersion
 from eventhub.events import StreamAppend
@@ -43,7 +42,6 @@ WEBHOOKS = web.AppKey("webhooks", Webhooks)
 GUARD = web.AppKey("webhooks_guard", OutboundGuard)
 _STATUS = {"invalid": 400, "not_found": 404, "conflict": 409, "too_large": 413}
 _BODY_LIMIT = 64 * 1024
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def setup(app: web.Application) -> None:
@@ -69,17 +67,13 @@ def setup(app: web.Application) -> None:
 
 
 def _handle(handler: Handler) -> Handler:
-    @functools.wraps(handler)
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except BodyTooLarge as exc:
-            error = WebhookError("too_large", f"{exc}; nothing was written")
-        except WebhookError as exc:
-            error = exc
-        return json_response({"error": error.message}, status=_STATUS[error.kind])
+    return route(handler, (WebhookError, BodyTooLarge), _error)
 
-    return wrapped
+
+def _error(error: WebhookError | BodyTooLarge) -> web.Response:
+    if isinstance(error, BodyTooLarge):
+        error = WebhookError("too_large", f"{error}; nothing was written")
+    return json_response({"error": error.message}, status=_STATUS[error.kind])
 
 
 # -- handlers ----------------------------------------------------------------------------

@@ -53,9 +53,11 @@ class Hub:
         self._window_start = 1  # position of _window[0]
         self._window_size = 0
         self._lock = asyncio.Lock()
-        # one future per exact stream, plus one for everyone else: a commit wakes only
-        # the subscribers that can care about it
+        # one future per exact stream, one per (prefix, types) filter, one for everyone
+        # else: a commit wakes only the subscribers that can care about it (a worker that
+        # wants one kind of event sleeps through every channel insert)
         self._stream_waiters: dict[str, asyncio.Future[None]] = {}
+        self._filter_waiters: dict[tuple[str | None, frozenset[str] | None], asyncio.Future[None]] = {}
         self._any_waiter: asyncio.Future[None] | None = None
 
     def start(self, head: int) -> None:
@@ -126,8 +128,23 @@ class Hub:
                 w = self._stream_waiters.pop(stream, None)
                 if w is not None and not w.done():
                     w.set_result(None)
+        if self._filter_waiters:
+            kinds = {(e.stream, e.type) for e in events}
+            for key in [k for k in self._filter_waiters if _concerns(k, kinds)]:
+                w = self._filter_waiters.pop(key)
+                if not w.done():
+                    w.set_result(None)
 
     # -- waiting ----------------------------------------------------------------------
+
+    def _filter_waiter(self, flt: EventFilter) -> asyncio.Future[None]:
+        if flt.stream is not None or (flt.prefix is None and flt.types is None):
+            return self._waiter(flt.stream)
+        key = (flt.prefix, flt.types)
+        w = self._filter_waiters.get(key)
+        if w is None:
+            w = self._filter_waiters[key] = asyncio.get_running_loop().create_future()
+        return w
 
     def _waiter(self, stream: str | None) -> asyncio.Future[None]:
         if stream is None:
@@ -201,4 +218,10 @@ class Hub:
                     yield events
                 continue
             # shielded: a cancelled subscriber must not cancel the future others share
-            await asyncio.shield(self._waiter(flt.stream))
+            await asyncio.shield(self._filter_waiter(flt))
+
+
+def _concerns(key: tuple[str | None, frozenset[str] | None], kinds: set[tuple[str, str]]) -> bool:
+    """Whether a commit of these (stream, type) pairs concerns a (prefix, types) filter."""
+    prefix, types = key
+    return any((prefix is None or s.startswith(prefix)) and (types is None or t in types) for s, t in kinds)

@@ -3,7 +3,8 @@
 One task per live webhook. It sleeps while the webhook is paused, its channel is missing
 or the cursor is at the channel's latest item, and wakes on any commit to the webhook's
 stream or its channel's streams (the worker subscribes to both prefixes once and wakes
-only the webhooks concerned).
+only the webhooks concerned; while no webhook exists it does not follow the channels at
+all, so a node without webhooks pays nothing per insert).
 
 With work to do, the task claims the webhook (`eventhub.claims`: `WebhookClaimed` with
 the stream version it saw and a lease), so two nodes never deliver the same webhook; a
@@ -98,16 +99,18 @@ class WebhookWorker:
         self.grace_seconds = settings.webhook_lease_grace_seconds
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.wakes: dict[str, asyncio.Event] = {}
+        self.hooks_appeared = asyncio.Event()
+        self.channels_after = 0  # where following the channels starts when it (re)starts
 
     @property
     def model(self) -> Model:
         return self.webhooks.model
 
     async def run(self) -> None:
-        after = self.log.head  # the projections have folded everything up to here
+        after = self.channels_after = self.log.head  # the projections have folded everything up to here
         for name in list(self.model.webhooks):
             self._ensure(name)
-        watchers = [asyncio.create_task(self._watch(after, prefix)) for prefix in (PREFIX, CHANNEL_PREFIX)]
+        watchers = [asyncio.create_task(self._watch(after, PREFIX)), asyncio.create_task(self._watch_channels())]
         try:
             await asyncio.gather(*watchers)
         finally:
@@ -131,12 +134,27 @@ class WebhookWorker:
                     for hook in self.model.webhooks.values():
                         if hook.config.channel in touched:
                             self._wake(hook.name)
+                    if not self.model.webhooks:
+                        return
             except Exception as exc:  # a store hiccup must not end the worker
                 log.warning("webhooks: following the log failed (%s); resuming", _describe(exc))
                 await asyncio.sleep(ERROR_PAUSE_SECONDS[1])
 
+    async def _watch_channels(self) -> None:
+        """Follow the channels while any webhook exists. A new webhook's task looks at its
+        channel when it starts, and this follows from the head at that moment, so no
+        insert falls between the two."""
+        while True:
+            if not self.model.webhooks:
+                self.hooks_appeared.clear()
+                await self.hooks_appeared.wait()
+            await self._watch(self.channels_after, CHANNEL_PREFIX)
+
     def _ensure(self, name: str) -> None:
         if name in self.model.webhooks and name not in self.tasks:
+            if not self.hooks_appeared.is_set():
+                self.channels_after = self.log.head
+                self.hooks_appeared.set()
             self.wakes[name] = asyncio.Event()
             self.tasks[name] = asyncio.create_task(self._follow(name), name=f"webhook:{name}")
 

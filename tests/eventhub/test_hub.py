@@ -64,6 +64,26 @@ async def test_filters_by_stream_prefix_and_type(tmp_path: Path) -> None:
         await log.close()
 
 
+async def test_a_filtered_subscriber_sleeps_through_commits_it_does_not_want(tmp_path: Path) -> None:
+    log = await _open(tmp_path / "h.db", window_events=5)
+    try:
+        wanted = EventFilter(prefix="export:", types=["Requested"])
+        reader = asyncio.create_task(_collect(log, 0, 2, wanted))
+        await asyncio.sleep(0)
+        [waiter] = log.hub._filter_waiters.values()
+        await _write(log, "channel:c:0", 20)  # other streams: more than the window holds
+        await log.append(StreamAppend("export:1", [NewEvent("Claimed")]))  # the prefix, another type
+        assert not waiter.done()
+        await log.append(StreamAppend("export:1", [NewEvent("Requested", b"1")]))
+        assert waiter.done()
+        await _write(log, "channel:c:0", 3)
+        await log.append(StreamAppend("export:2", [NewEvent("Requested", b"2")]))
+        got = await asyncio.wait_for(reader, 5)
+        assert [(e.stream, e.data) for e in got] == [("export:1", b"1"), ("export:2", b"2")]
+    finally:
+        await log.close()
+
+
 async def test_subscriber_behind_the_window_reads_the_store(tmp_path: Path) -> None:
     log = await _open(tmp_path / "h.db", window_events=10)
     try:

@@ -193,6 +193,24 @@ async def test_delete_stops_delivery_and_the_name_starts_afresh(make_client: App
     assert await receiver.next("/hook/gone") == third  # a new webhook: from the next new item
 
 
+async def test_with_no_webhook_left_the_channels_are_not_followed_until_a_new_one(
+    make_client: AppClient, receiver: Receiver
+) -> None:
+    client = await hub_app(make_client)
+    channel_url = await create_channel(client)
+    await put_webhook(client, "only", callbackUrl=receiver.url + "/only", channelUrl=channel_url)
+    first = await insert(client)
+    assert await receiver.next("/hook/only") == first
+    assert (await client.delete("/webhook/only")).status == 202
+    await insert(client)  # seen by the watcher, which then stops: no webhook is left
+    hub = client.app[LOG].hub
+    await until(client, lambda: ("channel:", None) not in hub._filter_waiters)
+    await insert(client)  # wakes nobody
+    await put_webhook(client, "only", callbackUrl=receiver.url + "/only", channelUrl=channel_url)
+    fresh = [await insert(client) for _ in range(3)]
+    assert [await receiver.next("/hook/only") for _ in fresh] == fresh
+
+
 async def test_restart_resumes_from_the_cursor(make_client: AppClient, receiver: Receiver) -> None:
     first = await hub_app(make_client)
     channel_url = await create_channel(first)
