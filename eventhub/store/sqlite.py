@@ -7,7 +7,7 @@ import functools
 import logging
 import os
 import sqlite3
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import aiosqlite
@@ -36,7 +36,7 @@ CREATE TABLE IF NOT EXISTS events (
     hash        BLOB    NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS events_stream_version ON events (stream, version);
-CREATE INDEX IF NOT EXISTS events_stream_time ON events (stream, recorded_at);
+DROP INDEX IF EXISTS events_stream_time;
 CREATE TABLE IF NOT EXISTS idempotency (
     key         TEXT    PRIMARY KEY,
     fingerprint BLOB    NOT NULL,
@@ -51,6 +51,25 @@ CREATE TABLE IF NOT EXISTS snapshots (
 );
 """
 _INSERT = f"INSERT INTO events ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)"
+# The first version of a stream recorded at or after :t, by binary search over versions
+# (recorded_at never decreases along a stream): about 2 log2(n) lookups in the
+# (stream, version) index. An index on (stream, recorded_at) would serve it directly, but
+# appends touching many streams pay for it at every commit: each stream's entry dirties
+# its own index page, which the commit writes to the WAL (about half the commit's time
+# with 64 streams per batch, 2026-11-25).
+_LOWER_BOUND = """
+WITH RECURSIVE search(lo, hi) AS (
+    SELECT 0, (SELECT COALESCE(MAX(version), -1) + 1 FROM events WHERE stream = :s)
+    UNION ALL
+    SELECT
+        CASE WHEN (SELECT recorded_at FROM events WHERE stream = :s AND version = (lo + hi) / 2) >= :t
+             THEN lo ELSE (lo + hi) / 2 + 1 END,
+        CASE WHEN (SELECT recorded_at FROM events WHERE stream = :s AND version = (lo + hi) / 2) >= :t
+             THEN (lo + hi) / 2 ELSE hi END
+    FROM search WHERE lo < hi
+)
+SELECT lo FROM search WHERE lo >= hi
+"""
 _ROWS_PER_INSERT = 500  # 5,000 bound values per statement, well under SQLite's 32,766
 _MAX_BATCH_JOBS = 2000
 _VERSION_CACHE = 100_000
@@ -364,7 +383,7 @@ class SQLiteStore(EventStore):
 
     # -- reading ----------------------------------------------------------------------
 
-    async def _query(self, sql: str, params: Sequence[Any], check: bool = True) -> list[Event]:
+    async def _query(self, sql: str, params: Sequence[Any] | Mapping[str, Any], check: bool = True) -> list[Event]:
         if self._reader is None:
             raise StoreClosed("store is not open")
         try:
@@ -440,17 +459,15 @@ class SQLiteStore(EventStore):
 
     async def first_at_or_after(self, stream: str, recorded_at: int) -> Event | None:
         events = await self._query(
-            f"SELECT {COLUMNS} FROM events WHERE stream = ? AND recorded_at >= ? "
-            "ORDER BY recorded_at, version LIMIT 1",
-            (stream, recorded_at),
+            f"SELECT {COLUMNS} FROM events WHERE stream = :s AND version = ({_LOWER_BOUND})",
+            {"s": stream, "t": recorded_at},
         )
         return events[0] if events else None
 
     async def last_before(self, stream: str, recorded_at: int) -> Event | None:
         events = await self._query(
-            f"SELECT {COLUMNS} FROM events WHERE stream = ? AND recorded_at < ? "
-            "ORDER BY recorded_at DESC, version DESC LIMIT 1",
-            (stream, recorded_at),
+            f"SELECT {COLUMNS} FROM events WHERE stream = :s AND version = ({_LOWER_BOUND}) - 1",
+            {"s": stream, "t": recorded_at},
         )
         return events[0] if events else None
 

@@ -471,6 +471,19 @@ class StoreContract:
         assert await store.last_before("missing", t2 + 1) is None
         assert await store.first_at_or_after("missing", 0) is None
 
+    async def test_time_lookups_in_a_long_stream_match_a_scan(self, store: EventStore, clock: ManualClock) -> None:
+        # runs of equal times, gaps, other streams in between: every boundary of a search
+        for run in range(40):
+            await store.append(to("long", *[new("E") for _ in range(run % 4)]), to(f"other-{run % 3}"))
+            clock.advance(run % 5)
+        events = await store.read_stream("long", 0, 1000)
+        times = sorted({e.recorded_at for e in events})
+        for t in [0, times[0] - 1, *times, *(x + 1 for x in times), times[-1] + SECOND]:
+            later = [e for e in events if e.recorded_at >= t]
+            earlier = [e for e in events if e.recorded_at < t]
+            assert await store.first_at_or_after("long", t) == (later[0] if later else None)
+            assert await store.last_before("long", t) == (earlier[-1] if earlier else None)
+
     async def test_recorded_at_never_decreases(self, store: EventStore, clock: ManualClock) -> None:
         [first] = await store.append(to("s"))
         assert first.recorded_at == clock.now()
