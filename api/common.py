@@ -100,6 +100,9 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     if length is not None:
         if length > limit:
             raise BodyTooLarge(limit)
+        content = request.content
+        if content.is_eof():  # the parser already holds all of it: a small body comes with its headers
+            return content.read_nowait()
         return await request.read()  # the parser stops at Content-Length: no more can come
     chunks: list[bytes] = []
     size = 0

@@ -126,9 +126,10 @@ class SQLiteStore(EventStore):
         if not os.path.isdir(folder):
             raise StoreUnavailable(f"cannot open database file: folder {folder} does not exist")
         try:
-            # The writer lets sqlite3 open each write transaction (BEGIN IMMEDIATE) inside
-            # the statement that needs it: one thread round trip fewer per commit.
-            self._writer = await self._connect("IMMEDIATE")
+            # The writer opens its transactions itself (BEGIN IMMEDIATE), so that a batch
+            # that fits one INSERT is one statement in autocommit mode: SQLite commits it,
+            # fsync included, before the statement returns, one thread round trip in all.
+            self._writer = await self._connect(None)
             await self._writer.executescript(_SCHEMA)
             # A read-only file (in a writable folder) opens and reads fine; a write that
             # changes nothing finds that out now, at start, not at the first append.
@@ -269,6 +270,7 @@ class SQLiteStore(EventStore):
         assert self._writer is not None
         try:
             try:
+                await self._writer.execute("BEGIN IMMEDIATE")
                 result = await job.op()
                 await self._writer.commit()
             except BaseException:
@@ -311,11 +313,17 @@ class SQLiteStore(EventStore):
             for job, first, last in decision.stored_replays:
                 decision.replays.append((job, await self._read_range(first, last)))
             if decision.rows:
-                for rows in chunks(decision.rows, _ROWS_PER_INSERT):
+                statements = chunks(decision.rows, _ROWS_PER_INSERT)
+                alone = len(statements) == 1 and not decision.keys and not conn.in_transaction
+                if not alone:
+                    if not conn.in_transaction:
+                        await conn.execute("BEGIN IMMEDIATE")
+                for rows in statements:
                     await conn.execute(_insert_rows(len(rows)), [value for row in rows for value in row])
                 if decision.keys:
                     await conn.executemany("INSERT INTO idempotency (key, fingerprint, first, last) VALUES (?,?,?,?)", decision.keys)
-                await conn.commit()
+                if not alone:
+                    await conn.commit()
             elif conn.in_transaction:
                 await conn.rollback()
         except sqlite3.Error as exc:

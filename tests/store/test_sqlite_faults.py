@@ -3,7 +3,9 @@ full disk, for every k up to 20.
 
 `FailingCommits` wraps the store's real writer connection and fails one commit the way
 SQLite reports it (`sqlite3.OperationalError` carrying `SQLITE_IOERR` / `SQLITE_FULL`),
-either with the transaction still open or after SQLite rolled it back itself. Nothing
+either with the transaction still open or after SQLite rolled it back itself. A batch the
+store writes as one INSERT in autocommit mode commits in that statement, so that
+statement counts as a commit too. Nothing
 else is mocked. The callers of that commit must get the error, nothing of it may be
 visible, later appends must work, the chain must verify and the file must pass
 `PRAGMA integrity_check`. One more case fills the database for real (`max_page_count`).
@@ -28,6 +30,7 @@ from eventhub.store.sqlite import SQLiteStore
 from tests.store.contract import assert_log_sound, new, to
 
 _COMMIT_SQL = re.compile(r"\s*(COMMIT|END)\b", re.IGNORECASE)
+_INSERT_SQL = re.compile(r"\s*INSERT\b", re.IGNORECASE)
 _ERRORS = {
     "ioerr": (sqlite3.SQLITE_IOERR, "SQLITE_IOERR", "disk I/O error"),
     "full": (sqlite3.SQLITE_FULL, "SQLITE_FULL", "database or disk is full"),
@@ -58,11 +61,12 @@ class FailingCommits:
             await real_commit()
 
         def execute(sql: str, *args: Any, **kwargs: Any) -> Any:
-            if not _COMMIT_SQL.match(sql):
+            autocommit = bool(_INSERT_SQL.match(sql)) and not conn.in_transaction
+            if not (_COMMIT_SQL.match(sql) or autocommit):
                 return real_execute(sql, *args, **kwargs)
 
             async def run() -> Any:
-                await self._before_commit()
+                await self._before_commit(autocommit)
                 return await real_execute(sql, *args, **kwargs)
 
             return run()
@@ -70,8 +74,8 @@ class FailingCommits:
         conn.commit = commit  # type: ignore[method-assign]
         conn.execute = execute  # type: ignore[method-assign]
 
-    async def _before_commit(self) -> None:
-        if not self.conn.in_transaction:
+    async def _before_commit(self, autocommit: bool = False) -> None:
+        if not (autocommit or self.conn.in_transaction):
             return  # nothing to commit: sqlite3 does nothing either
         self.commits += 1
         if self.commits != self.fail_at:
@@ -140,6 +144,11 @@ async def test_kth_commit_fails(tmp_path: Path, k: int, error: str, rolled_back:
                 snapshot_rounds.append(round_no)
         if not isinstance(results[0], BaseException):
             account_version += 1
+        [alone] = await asyncio.gather(store.append(to("alone", new("Alone"))), return_exceptions=True)
+        if isinstance(alone, BaseException):  # a batch of its own: one INSERT, autocommitted
+            errors.append(alone)
+        else:
+            acked += alone
 
     assert fault.failed == 1, "the k-th commit happened and failed"
     assert errors, "the failed commit's callers got its error"
