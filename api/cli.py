@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime as dt
+import gc
 import logging
 import sys
 from collections.abc import Iterator, Sequence
@@ -26,6 +27,10 @@ from eventhub.projection import Projection, fold
 from eventhub.store import EventStore, Snapshot
 
 MAX_DIFF_LINES = 20
+YOUNG_GC_THRESHOLD = 50_000
+"""Allocations between young-generation collections when serving (Python's default: 700).
+A request's objects die by reference counting long before that many pile up, so the
+collector runs ~70× less often for the same result: 2–4% of an insert's CPU (2026-11-25)."""
 _encode = msgspec.json.Encoder().encode
 
 
@@ -39,6 +44,7 @@ def _serve(args: argparse.Namespace) -> int:
         settings = load_settings()
         logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         app = create_app(settings)
+        gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
         web.run_app(
             app, host=settings.host, port=settings.port, loop=uvloop.new_event_loop(), print=None,
             access_log=None,
