@@ -152,7 +152,8 @@ async def insert(request: web.Request) -> web.Response:
     data = await read_body(request, request.app[SETTINGS].max_body_bytes)
     h = request.headers
     meta = item_meta(h.get("Content-Type"), h.get("Content-Encoding"), h.get("Content-Language"))
-    (event,) = await _commit(request, lambda model: decide_insert(model, channel.name, [(data, meta)]))
+    # any version: an insert never conflicts, so no decide-again loop (`_commit`)
+    (event,) = await request.app[LOG].append(decide_insert(_channels(request).model, channel.name, [(data, meta)]))
     name, generation = parse_items_stream(event.stream)
     channel_url = _channel_url(request, name)
     id_ = item_id(generation, event.version)

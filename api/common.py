@@ -72,8 +72,11 @@ def route(
 
 def base_url(request: web.Request) -> str:
     """`scheme://host` as the client called it, honouring X-Forwarded-Proto/Host."""
-    proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip() or request.scheme
-    host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip() or request.host
+    headers = request.headers
+    forwarded_proto = headers.get("X-Forwarded-Proto")
+    forwarded_host = headers.get("X-Forwarded-Host")
+    proto = forwarded_proto and forwarded_proto.split(",")[0].strip() or request.scheme
+    host = forwarded_host and forwarded_host.split(",")[0].strip() or request.host
     return f"{proto}://{host}"
 
 

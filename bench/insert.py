@@ -9,8 +9,10 @@
    server (127.0.0.1:4222), 64 publishes in flight with `gather`, every ack awaited.
 
 The HTTP load comes from `bench.load` (wrk when installed) in its own process, over 64
-keep-alive connections. After the eventhub run the log's head is checked against the
-answered requests: every 201 is an event on disk.
+keep-alive connections. The ceiling and eventhub serve side by side and are loaded in
+turns, `--rounds` times (default 3); the row is the round with the median ratio and every
+round is printed. After the last round the log's head is checked against the answered
+requests: every 201 is an event on disk.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ NATS_START = [
 ]
 MAX_PUBLISHES = 5_000_000
 WARMUP_SECONDS = 1.0
+ROUNDS = 3
 
 
 def _nats_up() -> bool:
@@ -103,51 +106,68 @@ def _describe(name: str, r: LoadResult, cpu: float) -> str:
             f"{100 * cpu / r.seconds:.0f}% of a core, {1e6 * cpu / max(r.requests, 1):.0f} us per insert")
 
 
+class _Target:
+    """One server under load, round after round: its results and the CPU they took."""
+
+    def __init__(self, name: str, pid: int, url: str, profile: Path | None) -> None:
+        self.name, self.pid, self.url, self.profile = name, pid, url, profile
+        self.results: list[LoadResult] = []
+
+    def load(self, body: bytes, connections: int, seconds: float, load: str) -> LoadResult:
+        cpu = cpu_seconds(self.pid)
+        if self.profile is None:
+            result = post_load(self.url, body, connections=connections, seconds=seconds, force=load)
+        else:
+            from bench.profile import recorder
+
+            stem = "insert" if self.name == "eventhub" else f"insert-{self.name}"
+            path = self.profile / f"{stem}-round{len(self.results) + 1}.txt"
+            with recorder(self.pid, path):
+                result = post_load(self.url, body, connections=connections, seconds=seconds, force=load)
+        print(_describe(self.name, result, cpu_seconds(self.pid) - cpu))
+        self.results.append(result)
+        return result
+
+
 def run(seconds: float = 10.0, connections: int = 64, load: str | None = None, start_nats: bool = True,
-        profile: Path | None = None, broker: bool = True) -> list[Row]:
+        profile: Path | None = None, broker: bool = True, rounds: int = ROUNDS) -> list[Row]:
+    """The ceiling and eventhub, both serving, loaded in turns `rounds` times (`seconds`
+    each in all); the row is the round with the median ratio, so a spell of a busy machine
+    weighs on both sides or on one round only."""
     load = load or tool()
+    rounds = max(rounds, 1)
     body = body_of(200)
     warm = WARMUP_SECONDS if seconds >= 5 else 0.0  # short runs are smoke runs: no warm-up
-    print(f"bench.insert: {connections} connections, {len(body)}-byte JSON bodies, load generator: {load}")
-    with ceiling("noop") as noop:
-        url = f"{noop.base}/channel/bench"
-        if warm:
-            post_load(url, body, connections=connections, seconds=warm, force=load)
-        cpu = cpu_seconds(noop.pid)
-        if profile is None:
-            ceil = post_load(url, body, connections=connections, seconds=seconds, force=load)
-        else:
-            from bench.profile import recorder
-
-            with recorder(noop.pid, profile / "insert-ceiling.txt"):
-                ceil = post_load(url, body, connections=connections, seconds=seconds, force=load)
-        ceil_cpu = cpu_seconds(noop.pid) - cpu
-    print(_describe("ceiling", ceil, ceil_cpu))
+    print(f"bench.insert: {connections} connections, {len(body)}-byte JSON bodies, load generator: {load}, "
+          f"{rounds} rounds of {seconds / rounds:.1f} s each")
     if load == "aiohttp":
         print("  (the aiohttp client may not saturate the ceiling; install wrk for a true ceiling)")
-
-    with tempfile.TemporaryDirectory(prefix="bench-insert-") as tmp, hub(Path(tmp) / "insert.db") as server:
+    with (
+        ceiling("noop") as noop,
+        tempfile.TemporaryDirectory(prefix="bench-insert-") as tmp,
+        hub(Path(tmp) / "insert.db") as server,
+    ):
         create_channel(server.base, "bench")
-        url = f"{server.base}/channel/bench"
-        if warm:
-            post_load(url, body, connections=connections, seconds=warm, force=load)
+        ceiling_target = _Target("ceiling", noop.pid, f"{noop.base}/channel/bench", profile)
+        ours_target = _Target("eventhub", server.pid, f"{server.base}/channel/bench", profile)
+        for target in (ceiling_target, ours_target):
+            if warm:
+                post_load(target.url, body, connections=connections, seconds=warm, force=load)
         before = int(health(server.base)["head"])  # type: ignore[call-overload]
-        cpu = cpu_seconds(server.pid)
-        if profile is None:
-            ours = post_load(url, body, connections=connections, seconds=seconds, force=load)
-        else:
-            from bench.profile import recorder
-
-            with recorder(server.pid, profile / "insert.txt"):
-                ours = post_load(url, body, connections=connections, seconds=seconds, force=load)
-        ours_cpu = cpu_seconds(server.pid) - cpu
+        for _ in range(rounds):
+            for target in (ceiling_target, ours_target):
+                target.load(body, connections, seconds / rounds, load)
         written = int(health(server.base)["head"]) - before  # type: ignore[call-overload]
-    print(_describe("eventhub", ours, ours_cpu))
-    if ours.requests == 0:
+    answered = sum(r.requests for r in ours_target.results)
+    if answered == 0:
         raise BenchError("eventhub answered no insert with 201 (is POST /channel/{name} served?)")
-    if written < ours.requests:
-        raise BenchError(f"{ours.requests} inserts answered but only {written} events in the log")
-    print(f"  log head moved by {written:,} events (>= {ours.requests:,} answered: every 201 is on disk)")
+    if written < answered:
+        raise BenchError(f"{answered} inserts answered but only {written} events in the log")
+    print(f"  log head moved by {written:,} events (>= {answered:,} answered: every 201 is on disk)")
+    pairs = sorted(zip(ours_target.results, ceiling_target.results), key=lambda p: p[0].rate / max(p[1].rate, 1e-9))
+    ours, ceil = pairs[len(pairs) // 2]
+    ratios = ", ".join(f"{o.rate / max(c.rate, 1e-9):.2f}" for o, c in zip(ours_target.results, ceiling_target.results))
+    print(f"  ratio per round: {ratios}; the row is the median round")
 
     rows = [
         Row("durable HTTP insert rate", ours.rate, f"no-op aiohttp+msgspec POST ({load})", ceil.rate, "inserts/s", 0.5),
@@ -172,8 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-broker", action="store_true", help="skip the NATS measurement")
     parser.add_argument("--profile", type=Path, help="record eventhub with py-spy into this folder")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/out/insert.json")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help=f"turns of ceiling and eventhub (default {ROUNDS})")
     args = parser.parse_args(argv)
-    rows = run(args.seconds, args.connections, args.load, not args.no_start_nats, args.profile, not args.no_broker)
+    rows = run(args.seconds, args.connections, args.load, not args.no_start_nats, args.profile, not args.no_broker,
+               args.rounds)
     print_table("bench/insert.py: durable HTTP inserts", rows)
     if not args.no_save:
         save("insert", rows)

@@ -1,7 +1,7 @@
 """py-spy around a benchmark's measured window, and a summary of where the time went.
 
     python -m bench.insert --profile bench/out/profile      # records eventhub under load
-    python -m bench.profile bench/out/profile/insert.txt    # the summary
+    python -m bench.profile bench/out/profile/insert-round1.txt    # the summary
 
 `recorder(pid, path)` samples the server process (py-spy `--format raw`: one collapsed
 stack per line with its sample count) until the block ends. The summary shows the share

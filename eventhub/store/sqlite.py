@@ -315,9 +315,8 @@ class SQLiteStore(EventStore):
             if decision.rows:
                 statements = chunks(decision.rows, _ROWS_PER_INSERT)
                 alone = len(statements) == 1 and not decision.keys and not conn.in_transaction
-                if not alone:
-                    if not conn.in_transaction:
-                        await conn.execute("BEGIN IMMEDIATE")
+                if not alone and not conn.in_transaction:
+                    await conn.execute("BEGIN IMMEDIATE")
                 for rows in statements:
                     await conn.execute(_insert_rows(len(rows)), [value for row in rows for value in row])
                 if decision.keys:
