@@ -15,7 +15,6 @@ from api.keys import LOG
 from eventhub.errors import StoreCorrupt, StoreUnavailable
 
 T = TypeVar("T")
-E = TypeVar("E", bound=Exception)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 POSITION_HEADER = "Hub-Position"
@@ -27,12 +26,13 @@ log = logging.getLogger(__name__)
 
 def route(
     handler: Handler,
-    errors: type[E] | tuple[type[E], ...] = (),
-    answer: Callable[[E], web.StreamResponse] | None = None,
+    errors: type[Exception] | tuple[type[Exception], ...] = (),
+    answer: Callable[[Any], web.StreamResponse] | None = None,
 ) -> Handler:
     """`handler` with the log's part of every request and its facet's error mapping.
 
-    - an error of the facet (`errors`) becomes that facet's own answer (`answer`);
+    - an error of the facet (one of `errors`) becomes that facet's own answer (`answer`,
+      called with that error);
     - a store that cannot serve answers 503 with a message, never a traceback;
     - `Hub-Position`: a read that names a position waits until this node has applied it,
       and a write reports the head after it, so a client can read on node B what it
