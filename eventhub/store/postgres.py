@@ -16,6 +16,7 @@ from eventhub.errors import EventhubError, StoreClosed, StoreCorrupt, StoreFull,
 from eventhub.events import Event, StreamAppend
 from eventhub.store.base import EventStore, Snapshot
 from eventhub.store.batch import COLUMNS, AppendJob, OpJob, Row, decide, event_row, fail, resolve, row_event, run_writer
+from eventhub.store.pg_listen import HeadListener
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -87,8 +88,6 @@ _INSERT = (
 _VERSIONS = "SELECT s, (SELECT max(version) FROM events WHERE stream = s) FROM unnest($1::text[]) AS s"
 _MAX_BATCH_JOBS = 2000
 _VERSION_CACHE = 100_000
-_BACKOFF_MIN = 0.05
-_BACKOFF_MAX = 5.0
 
 Conn: TypeAlias = asyncpg.Connection
 Record: TypeAlias = asyncpg.Record
@@ -166,9 +165,7 @@ class PostgresStore(EventStore):
         self.clock = clock or SystemClock()
         self.pool_size = pool_size
         self.listen = listen
-        self.keepalive = keepalive
         self.connect_timeout = connect_timeout
-        self.listen_reconnects = 0
         self._conn: Conn | None = None
         self._pool: asyncpg.Pool | None = None
         self._queue: asyncio.Queue[AppendJob | OpJob[Any] | None] = asyncio.Queue()
@@ -186,8 +183,10 @@ class PostgresStore(EventStore):
         self._quiet = asyncio.Event()
         self._quiet.set()
         self._head_signal = asyncio.Event()
-        self._listen_conn: Conn | None = None
-        self._listen_lost: asyncio.Event | None = None
+        self._listener = HeadListener(
+            self._connect, self._signal_head,
+            channel=CHANNEL, keepalive=keepalive, errors=_DRIVER_ERRORS, describe=translate,
+        )
         self._listen_task: asyncio.Task[None] | None = None
         self._dispatch_task: asyncio.Task[None] | None = None
 
@@ -208,7 +207,7 @@ class PostgresStore(EventStore):
                 server_settings=_SERVER_SETTINGS,
             )
             if self.listen:
-                await self._start_listening()
+                await self._listener.start()
             head = await self._conn.fetchval("SELECT coalesce(max(position), 0) FROM events")
         except _DRIVER_ERRORS as exc:
             await self._close_connections()
@@ -218,7 +217,7 @@ class PostgresStore(EventStore):
         self._closing = False
         self._task = asyncio.create_task(self._run_writer(), name="postgres-writer")
         if self.listen:
-            self._listen_task = asyncio.create_task(self._run_listener(), name="postgres-listener")
+            self._listen_task = asyncio.create_task(self._listener.run(), name="postgres-listener")
             self._dispatch_task = asyncio.create_task(self._run_dispatcher(), name="postgres-head-dispatch")
 
     async def _connect(self) -> Conn:
@@ -249,13 +248,13 @@ class PostgresStore(EventStore):
         await self._close_connections()
 
     async def _close_connections(self) -> None:
-        for conn in (self._listen_conn, self._conn):
-            if conn is not None and not conn.is_closed():
-                try:
-                    await asyncio.wait_for(conn.close(), self.connect_timeout)
-                except _DRIVER_ERRORS:  # a dead server must not hang close
-                    conn.terminate()
-        self._listen_conn = self._conn = None
+        await self._listener.close(self.connect_timeout)
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            try:
+                await asyncio.wait_for(conn.close(), self.connect_timeout)
+            except _DRIVER_ERRORS:  # a dead server must not hang close
+                conn.terminate()
         if self._pool is not None:
             try:
                 await asyncio.wait_for(self._pool.close(), self.connect_timeout)
@@ -266,8 +265,12 @@ class PostgresStore(EventStore):
     @property
     def listener_pid(self) -> int | None:
         """The server process id of the LISTEN connection (for tests and diagnostics)."""
-        conn = self._listen_conn
-        return conn.get_server_pid() if conn is not None and not conn.is_closed() else None
+        return self._listener.pid
+
+    @property
+    def listen_reconnects(self) -> int:
+        """How often the LISTEN connection was re-established."""
+        return self._listener.reconnects
 
     # -- writing ----------------------------------------------------------------------
 
@@ -497,70 +500,10 @@ class PostgresStore(EventStore):
 
     # -- hearing other nodes ----------------------------------------------------------
 
-    async def _start_listening(self) -> None:
-        conn = await self._connect()
-        lost = asyncio.Event()
-        conn.add_termination_listener(lambda _conn: lost.set())
-        try:
-            await conn.add_listener(CHANNEL, self._on_notify)
-        except BaseException:
-            conn.terminate()
-            raise
-        self._listen_conn, self._listen_lost = conn, lost
-
-    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
-        try:
-            head = int(payload)
-        except ValueError:
-            log.warning("ignoring notification %r on %s", payload, CHANNEL)
-            return
-        self._signal_head(head)
-
     def _signal_head(self, head: int) -> None:
         if head > self._pending_head:
             self._pending_head = head
             self._head_signal.set()
-
-    async def _run_listener(self) -> None:
-        """Keep one LISTEN connection; after each reconnect announce the current head.
-
-        Commits made while no connection was listening sent their NOTIFY to nobody, so
-        after LISTEN is back the head is read once: together the two cover every commit.
-        """
-        backoff = _BACKOFF_MIN
-        while True:
-            if self._listen_conn is None or self._listen_conn.is_closed():
-                try:
-                    await self._start_listening()
-                    assert self._listen_conn is not None
-                    head = await self._listen_conn.fetchval("SELECT coalesce(max(position), 0) FROM events")
-                except _DRIVER_ERRORS as exc:
-                    await self._drop_listen_conn()
-                    log.warning("LISTEN connection failed (%s); retrying in %.2fs", translate(exc), backoff)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, _BACKOFF_MAX)
-                    continue
-                backoff = _BACKOFF_MIN
-                self.listen_reconnects += 1
-                log.info("LISTEN connection restored at head %d", head)
-                self._signal_head(int(head))
-            assert self._listen_conn is not None and self._listen_lost is not None
-            try:
-                await asyncio.wait_for(self._listen_lost.wait(), self.keepalive)
-            except asyncio.TimeoutError:
-                # A half-open TCP connection never reports its end: probe it.
-                try:
-                    await asyncio.wait_for(self._listen_conn.fetchval("SELECT 1"), self.keepalive)
-                    continue
-                except _DRIVER_ERRORS:
-                    pass
-            log.warning("LISTEN connection lost; reconnecting")
-            await self._drop_listen_conn()
-
-    async def _drop_listen_conn(self) -> None:
-        conn, self._listen_conn = self._listen_conn, None
-        if conn is not None and not conn.is_closed():
-            conn.terminate()
 
     async def _run_dispatcher(self) -> None:
         # Head listeners run under the announce lock, like commit listeners run in the
